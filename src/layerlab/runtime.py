@@ -1,0 +1,170 @@
+"""Running a Hugging Face model with a layer plan, reversibly and without copying weights.
+
+How it works (see `apply_plan`):
+- The model's list of decoder layers is swapped for a list with one *step module* per plan step. A
+  step module is a shallow copy of its source layer: it shares every parameter, but has its own
+  attention module copy whose `layer_idx` is the step's position, so every executed step, repeats
+  included, writes its own KV-cache slot.
+- While the plan is applied the config describes the executed steps: `num_hidden_layers` is the
+  number of steps and per-layer lists (such as Gemma 3's `layer_types`) follow the source layers.
+  The model's own loop, masks, rotary embeddings and cache construction therefore see the plan.
+- A skipped half (attention or MLP) is replaced, together with the norms that belong only to it,
+  by a module that adds nothing, so the residual stream passes through unchanged. Cache slots of
+  steps without attention become `DummyLayer`s, which transformers' cache and mask code skip.
+Restoring puts the original list and config values back.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import types
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+
+from .arch import Arch, arch_of, decoder_layers, get_path, set_path
+from .errors import PlanError
+from .plan import Plan, Step
+
+_APPLIED = "_layerlab_applied_plan"
+
+
+class SkippedAttention(nn.Module):
+    """Stands in for an attention module whose output is not added to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedMLP(nn.Module):
+    """Stands in for an MLP whose output is not added to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class AppliedPlan:
+    """A plan applied to a model; `restore()` (or leaving the `with` block) undoes it."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model = model
+        self.plan = plan
+        self._arch = arch_of(model)
+        self._original_layers = decoder_layers(model)
+        self._config = model.config.get_text_config(decoder=True)
+        self._saved_config: dict[str, Any] = {}
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._apply()
+
+    def __enter__(self) -> AppliedPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the model back exactly as it was (idempotent)."""
+        if getattr(self.model, _APPLIED, None) is not self:
+            return
+        set_path(self.model, self._arch.layers, self._original_layers)
+        for name, value in self._saved_config.items():
+            setattr(self._config, name, value)
+        if self._hook is not None:
+            self._hook.remove()
+        delattr(self.model, _APPLIED)
+
+    def _apply(self) -> None:
+        plan, layers = self.plan, self._original_layers
+        if getattr(self.model, _APPLIED, None) is not None:
+            raise PlanError("a plan is already applied to this model; restore it before applying another")
+        if plan.num_layers != len(layers):
+            raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
+        if not any(step.attention for step in plan.steps):
+            raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
+        steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
+        self._patch_config(plan)
+        set_path(self.model, self._arch.layers, steps)
+        skipped = [i for i, s in enumerate(plan.steps) if not s.attention]
+        if skipped:
+            owner = get_path(self.model, self._arch.layers.rpartition(".")[0])
+            hook = functools.partial(_prepare_cache, config=self._config, skipped=skipped, size=len(plan.steps))
+            self._hook = owner.register_forward_pre_hook(hook, with_kwargs=True)
+        setattr(self.model, _APPLIED, self)
+
+    def _patch_config(self, plan: Plan) -> None:
+        """Make the config describe the executed steps; remember the originals."""
+        updates: dict[str, Any] = {"num_hidden_layers": len(plan.steps)}
+        for name in self._arch.per_layer_config:
+            values = getattr(self._config, name, None)
+            if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
+                updates[name] = type(values)(values[s.layer] for s in plan.steps)
+        for name, value in updates.items():
+            self._saved_config[name] = getattr(self._config, name)
+            setattr(self._config, name, value)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> AppliedPlan:
+    """Apply `plan` to `model` now; use as a context manager or call `.restore()` later."""
+    return AppliedPlan(model, plan)
+
+
+def current_plan(model: nn.Module) -> Plan | None:
+    """The plan applied to `model`, if any."""
+    applied = getattr(model, _APPLIED, None)
+    return applied.plan if applied is not None else None
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy that shares parameters and buffers but has its own child table and hook tables."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    for name, value in vars(module).items():
+        if "hook" in name and isinstance(value, OrderedDict):
+            setattr(clone, name, OrderedDict(value))
+    if "_hf_hook" in vars(module):  # accelerate's dispatch hook is bound to the original module
+        clone._old_forward = types.MethodType(type(module).forward, clone)
+        clone.forward = functools.update_wrapper(functools.partial(module.forward.func, clone), clone._old_forward)
+    return clone
+
+
+def _step_module(layer: nn.Module, arch: Arch, index: int, step: Step) -> nn.Module:
+    """The module that runs one plan step: its own cache slot, skipped halves replaced."""
+    clone = _shallow_copy(layer)
+    if hasattr(clone, "layer_idx"):
+        clone.layer_idx = index
+    if step.attention:
+        attention = _shallow_copy(clone._modules[arch.attention])
+        attention.layer_idx = index
+        clone._modules[arch.attention] = attention
+    else:
+        clone._modules[arch.attention] = SkippedAttention()
+        for norm in arch.attention_norms:
+            clone._modules[norm] = nn.Identity()
+    if not step.mlp:
+        clone._modules[arch.mlp] = SkippedMLP()
+        for norm in arch.mlp_norms:
+            clone._modules[norm] = nn.Identity()
+    return clone
+
+
+def _prepare_cache(
+    module: nn.Module, args: tuple, kwargs: dict, *, config: Any, skipped: list[int], size: int
+) -> tuple[tuple, dict]:
+    """Give steps without attention an empty cache slot that cache and mask code skip."""
+    cache = kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    if cache is None and (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
+        cache = kwargs["past_key_values"] = DynamicCache(config=config)
+    cache = getattr(cache, "self_attention_cache", cache)
+    if isinstance(cache, Cache):
+        if cache.layer_class_to_replicate is not None:
+            while len(cache.layers) < size:
+                cache.layers.append(cache.layer_class_to_replicate())
+        for i in skipped:
+            if not isinstance(cache.layers[i], DummyLayer):
+                cache.layers[i] = DummyLayer()
+    return args, kwargs

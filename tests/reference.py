@@ -1,0 +1,79 @@
+"""Independent reference computations the runtime is checked against."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerlab.arch import arch_of
+from layerlab.plan import Plan
+
+
+def physical_copy(model, layers: list[int]):
+    """A freshly built model whose decoder layers are copies of `layers`, in that order."""
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None)
+    text.num_hidden_layers = len(layers)
+    if types is not None:
+        text.layer_types = [types[i] for i in layers]
+    new = AutoModelForCausalLM.from_config(config).to(model.dtype).eval()
+    prefix = arch_of(model).layers + "."
+    source = model.state_dict()
+    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
+    for j, src in enumerate(layers):
+        for key, value in source.items():
+            if key.startswith(f"{prefix}{src}."):
+                state[f"{prefix}{j}." + key[len(f"{prefix}{src}."):]] = value.clone()
+    new.load_state_dict(state, strict=True)
+    return new
+
+
+def _additive_mask(length: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
+
+
+@torch.no_grad()
+def manual_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The plan's logits computed by calling each layer's submodules by hand (Llama and Gemma 3 layouts)."""
+    base, config = model.model, model.config
+    gemma = config.model_type == "gemma3_text"
+    h = base.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    for step in plan.steps:
+        layer = base.layers[step.layer]
+        if gemma:
+            kind = config.layer_types[step.layer]
+            pe = base.rotary_emb(h, positions, kind)
+            window = config.sliding_window if kind == "sliding_attention" else None
+        else:
+            pe, window = base.rotary_emb(h, positions), None
+        mask = _additive_mask(ids.shape[1], window, h.dtype)
+        if step.attention:
+            normed = layer.input_layernorm(h)
+            out = layer.self_attn(hidden_states=normed, position_embeddings=pe, attention_mask=mask)[0]
+            h = h + (layer.post_attention_layernorm(out) if gemma else out)
+        if step.mlp:
+            if gemma:
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logits = model.lm_head(base.norm(h))
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def greedy_without_cache(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole sequence for every token."""
+    for _ in range(new_tokens):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
