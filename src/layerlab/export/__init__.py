@@ -1,0 +1,1 @@
+"""Physically smaller models built from plans."""
