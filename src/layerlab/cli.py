@@ -11,7 +11,7 @@ from rich.table import Table
 from .errors import LayerlabError
 from .plan import Plan
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole tables
 
 PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
 
@@ -58,6 +58,98 @@ def generate(source, plans, prompts, max_new_tokens, sample, seed, dtype, device
         table.add_row(row.plan, str(len(plan.steps)), f"{row.tokens_per_second:.1f}",
                       f"[dim]{row.prompt}[/dim]{row.text}")
     console.print(table)
+
+
+@cli.command("eval")
+@click.option("--model", "-m", "source", default="smollm2-135m", show_default=True,
+              help="Embedded name, Hugging Face folder, .gguf file or hub id.")
+@click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is the baseline row.")
+@click.option("--tasks", "-t", default="ppl,mc,samples,speed", show_default=True,
+              help="Comma-separated: ppl, mc, samples, speed.")
+@click.option("--ppl-text", default="wikitext2-test", show_default=True,
+              help="Bundled corpus name, text file or hf:DATASET[:CONFIG]:SPLIT[:FIELD].")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2))
+@click.option("--stride", type=click.IntRange(1), help="Sliding windows scoring only new tokens (default: none).")
+@click.option("--ppl-windows", default=20, show_default=True, type=click.IntRange(0), help="0 means all windows.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--mc-data", default="hellaswag-2k", show_default=True, help="Bundled name or JSONL file.")
+@click.option("--mc-items", default=100, show_default=True, type=click.IntRange(0), help="0 means all items.")
+@click.option("--prompt", "prompts", multiple=True, default=["Once upon a time"], show_default=True)
+@click.option("--max-new-tokens", "-n", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--speed-rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="JSON results path (default: a new timestamped file).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def eval_command(source, plans, tasks, ppl_text, ctx, stride, ppl_windows, batch_size, mc_data, mc_items, prompts,
+                 max_new_tokens, speed_rounds, out, force, dtype, device) -> None:
+    """Evaluate several plans side by side: one table with a baseline row and deltas, plus JSON."""
+    import json
+    import time
+
+    from .evaluate.compare import EvalSettings, evaluate_plans
+    from .io import atomic_write_text, refuse_existing
+    from .models import layer_count, load
+
+    n = layer_count(source)
+    parsed = _unique([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    settings = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=ppl_windows or None,
+                            batch_size=batch_size, mc_data=mc_data, mc_items=mc_items or None,
+                            prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    out = out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json")
+    refuse_existing(out, force)  # before hours of work, not after
+    model, tokenizer = load(source, dtype=dtype, device=device)
+    results = evaluate_plans(model, tokenizer, parsed, task_list, settings) | {"model": source}
+    console.print(_results_table(results))
+    atomic_write_text(out, json.dumps(results, indent=2), force=force)
+    console.print(f"results written to {out}")
+
+
+RESULT_COLUMNS = [  # (task, header, cell) for the eval table
+    ("ppl", "ppl", lambda r: f"{r['ppl']['perplexity']:.2f}"),
+    ("ppl", "Δppl", lambda r: f"{r['delta']['ppl_pct']:+.1f}%"),
+    ("mc", "acc", lambda r: f"{r['mc']['acc']:.3f}"),
+    ("mc", "acc_norm", lambda r: f"{r['mc']['acc_norm']:.3f}"),
+    ("mc", "Δacc_norm", lambda r: f"{r['delta']['acc_norm']:+.3f}"),
+    ("speed", "prefill tok/s", lambda r: f"{r['speed']['prefill_tokens_per_s']:.0f}"),
+    ("speed", "decode tok/s", lambda r: f"{r['speed']['decode_tokens_per_s']:.1f}"),
+    ("speed", "decode ×", lambda r: f"{r['delta']['decode_speedup']:.2f}"),
+    ("speed", "params MB", lambda r: f"{r['speed']['parameter_bytes'] / 2**20:.0f}"),
+    ("samples", "sample", lambda r: r["samples"][0]["prompt"] + r["samples"][0]["text"]),
+]
+
+
+def _results_table(results: dict) -> Table:
+    """One row per plan; deltas against the baseline (first) row."""
+    rows = results["rows"]
+    columns = [(header, cell) for task, header, cell in RESULT_COLUMNS if task in rows[0]]
+    table = Table("plan", "steps", *(header for header, _ in columns), show_lines=True)
+    for row in rows:
+        table.add_row(row["plan"], str(row["steps"]), *(cell(row) for _, cell in columns))
+    return table
+
+
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.pass_context
+def lm_eval_command(ctx: click.Context) -> None:
+    """Run lm-evaluation-harness's own command line with `--model layerlab` registered.
+
+    Example: layerlab lm-eval run --model layerlab --model_args model=smollm2-135m,plan=skip:24-26 --tasks ...
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise click.UsageError("lm-evaluation-harness is not installed: pip install 'layerlab[lm-eval]'")
+    from lm_eval.__main__ import cli_evaluate
+
+    import _layerlab_lm_eval
+
+    _layerlab_lm_eval.install()
+    sys.argv = ["lm_eval", *ctx.args]
+    cli_evaluate()
 
 
 @cli.group()

@@ -1,0 +1,119 @@
+"""Perplexity of a text in fixed windows, batched.
+
+Windows:
+- non-overlapping (default): the token stream is cut into full windows of `ctx` tokens (a shorter
+  tail is dropped, as llama.cpp does); every token after the first of a window is scored, or only
+  the second half of each window with `llama_cpp=True` (what llama.cpp's `perplexity` tool scores).
+- sliding (`stride=S`): windows of up to `ctx` tokens start every S tokens and only tokens that no
+  earlier window scored are scored, so each token is predicted with up to `ctx - S` tokens of context
+  (the method of the Hugging Face perplexity guide).
+
+BOS: when the tokenizer adds a BOS token, the text is tokenized with it, and in non-overlapping
+windows the first token of every window is replaced by BOS (as llama.cpp does), so each window
+starts like a document. Sliding windows keep the text's own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    tokens: int  # scored tokens
+    windows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Window:
+    ids: list[int]
+    score_from: int  # first position whose token is scored (predicted from the position before)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text by default."""
+    ids = tokenizer("a")["input_ids"]
+    return ids[0] if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else None
+
+
+def make_windows(tokens: list[int], ctx: int, stride: int | None, bos: int | None, llama_cpp: bool) -> list[Window]:
+    """Cut `tokens` into scored windows (see the module docstring)."""
+    if ctx < 2:
+        raise ValueError("ctx must be at least 2 tokens")
+    if stride is None:
+        first = ctx // 2 + 1 if llama_cpp else 1
+        windows = []
+        for start in range(0, len(tokens) - ctx + 1, ctx):
+            ids = tokens[start:start + ctx]
+            windows.append(Window(ids if bos is None else [bos] + ids[1:], first))
+        return windows
+    if not 0 < stride <= ctx:
+        raise ValueError("stride must be between 1 and ctx")
+    windows, scored_until = [], 1  # position 0 has no prediction
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + ctx, len(tokens))
+        if end > scored_until:
+            windows.append(Window(tokens[begin:end], scored_until - begin))
+            scored_until = end
+        if end == len(tokens):
+            break
+    return windows
+
+
+@torch.inference_mode()
+def window_nll(model, windows: list[Window]) -> tuple[float, int]:
+    """Summed NLL (nats) and token count over windows of equal length, in one forward pass."""
+    ids = torch.tensor([w.ids for w in windows], device=model.device)
+    first = min(w.score_from for w in windows)
+    logits = model(ids, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits[:, :-1].float()
+    targets = ids[:, first:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    keep = torch.arange(first, ids.shape[1], device=ids.device)[None, :] >= torch.tensor(
+        [w.score_from for w in windows], device=ids.device
+    )[:, None]
+    return float(nll[keep].double().sum()), int(keep.sum())
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    ctx: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    llama_cpp: bool = False,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of `text` under `model` as it is now (apply a plan around the call)."""
+    tokens = tokenizer(text)["input_ids"]
+    windows = make_windows(tokens, ctx, stride, bos_id(tokenizer), llama_cpp)[:max_windows]
+    if not windows:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    total, count = 0.0, 0
+    batches = _batches(windows, batch_size)
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        nll, n = window_nll(model, batch)
+        total, count = total + nll, count + n
+    return PerplexityResult(math.exp(total / count), total / count, count, len(windows))
+
+
+def _batches(windows: list[Window], size: int) -> list[list[Window]]:
+    """Consecutive batches of windows of equal length."""
+    batches: list[list[Window]] = []
+    for window in windows:
+        if batches and len(batches[-1]) < size and len(batches[-1][0].ids) == len(window.ids):
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    return batches
