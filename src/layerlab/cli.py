@@ -16,6 +16,13 @@ console = Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole
 PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
 
 
+def model_option(**kwargs):
+    """The --model option every model command takes."""
+    kwargs = {"default": "smollm2-135m", "show_default": True} if not kwargs else kwargs
+    return click.option("--model", "-m", "source", help="Embedded name, Hugging Face folder, .gguf file or hub id.",
+                        **kwargs)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """layerlab: depth surgery on transformer language models."""
@@ -33,8 +40,7 @@ def models() -> None:
 
 
 @cli.command()
-@click.option("--model", "-m", "source", default="smollm2-135m", show_default=True,
-              help="Embedded name, Hugging Face folder, .gguf file or hub id.")
+@model_option()
 @click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is always shown first.")
 @click.option("--prompt", "prompts", multiple=True, default=["Once upon a time"], show_default=True,
               help="Prompt (repeatable).")
@@ -61,8 +67,7 @@ def generate(source, plans, prompts, max_new_tokens, sample, seed, dtype, device
 
 
 @cli.command("eval")
-@click.option("--model", "-m", "source", default="smollm2-135m", show_default=True,
-              help="Embedded name, Hugging Face folder, .gguf file or hub id.")
+@model_option()
 @click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is the baseline row.")
 @click.option("--tasks", "-t", default="ppl,mc,samples,speed", show_default=True,
               help="Comma-separated: ppl, mc, samples, speed.")
@@ -89,7 +94,7 @@ def eval_command(source, plans, tasks, ppl_text, ctx, stride, ppl_windows, batch
     import time
 
     from .evaluate.compare import EvalSettings, evaluate_plans
-    from .io import atomic_write_text, refuse_existing
+    from .io import atomic_write_text, check_output
     from .models import layer_count, load
 
     n = layer_count(source)
@@ -99,7 +104,7 @@ def eval_command(source, plans, tasks, ppl_text, ctx, stride, ppl_windows, batch
                             prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
     out = out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json")
-    refuse_existing(out, force)  # before hours of work, not after
+    check_output(out, force=force)  # before hours of work, not after
     model, tokenizer = load(source, dtype=dtype, device=device)
     results = evaluate_plans(model, tokenizer, parsed, task_list, settings) | {"model": source}
     console.print(_results_table(results))
@@ -129,6 +134,25 @@ def _results_table(results: dict) -> Table:
     for row in rows:
         table.add_row(row["plan"], str(row["steps"]), *(cell(row) for _, cell in columns))
     return table
+
+
+@cli.command()
+@model_option(required=True)
+@click.option("--plan", "-p", "plan_text", required=True, help="Layer plan (text or .json/.yaml file).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (hf) or .gguf file (gguf).")
+@click.option("--format", "-f", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True)
+@click.option("--remote-code", is_flag=True, help="With sublayer drops: also write a self-contained modeling file.")
+@click.option("--eval-windows", default=8, show_default=True, type=click.IntRange(0),
+              help="Perplexity windows for the model card (0 skips measuring).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def export(source, plan_text, out, fmt, remote_code, eval_windows, force) -> None:
+    """Write a physically smaller model: a Hugging Face folder or a pruned GGUF file, with a model card."""
+    from .export import export as run_export
+
+    path = run_export(source, plan_text, out, fmt, force=force, remote_code=remote_code, eval_windows=eval_windows)
+    card = path / "README.md" if fmt == "hf" else path.with_suffix(".md")
+    console.print(card.read_text())
+    console.print(f"exported to {path}")
 
 
 @cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -188,6 +212,27 @@ def plan_show(plan_source, source, num_layers, fmt, mergekit_model) -> None:
             click.echo(json.dumps({"llama_cpp_skip_flags": parsed.to_llama_cpp_flags()}))
         else:
             click.echo(yaml.safe_dump(parsed.to_mergekit(mergekit_model), sort_keys=False).rstrip())
+
+
+@plan.command("to-mergekit")
+@click.argument("plan_source", metavar="PLAN")
+@click.option("--layers", "-l", "num_layers", type=click.IntRange(1), required=True)
+@click.option("--model-name", default="MODEL", show_default=True, help="Model written into the slices.")
+def plan_to_mergekit(plan_source, num_layers, model_name) -> None:
+    """Print PLAN as a mergekit passthrough config (YAML)."""
+    import yaml
+
+    click.echo(yaml.safe_dump(Plan.load(plan_source, num_layers).to_mergekit(model_name), sort_keys=False).rstrip())
+
+
+@plan.command("from-mergekit")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--layers", "-l", "num_layers", type=click.IntRange(1), required=True)
+def plan_from_mergekit(config, num_layers) -> None:
+    """Print the plan of a mergekit passthrough CONFIG file in the text form."""
+    from pathlib import Path
+
+    click.echo(Plan.from_mergekit(Path(config).read_text(), num_layers).to_text())
 
 
 def _print_plan_table(parsed: Plan) -> None:

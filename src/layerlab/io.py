@@ -13,21 +13,29 @@ class OutputExistsError(LayerlabError):
     """An output path that already exists."""
 
 
-def refuse_existing(path: str | Path, force: bool = False) -> None:
-    """Fail early when an output exists and replacing it was not asked for."""
-    if Path(path).exists() and not force:
-        raise OutputExistsError(f"{path} already exists; choose another path or pass --force to replace it")
+def check_output(out: str | Path, folder: bool = False, force: bool = False) -> None:
+    """Refuse an existing output (a non-empty folder, or any file) unless `force`; call it before long work."""
+    out = Path(out)
+    if force or not out.exists():
+        return
+    if folder and out.is_dir() and not any(out.iterdir()):
+        return
+    what = "is not an empty folder" if folder else "already exists"
+    raise OutputExistsError(f"{out} {what}; choose another path or pass --force to replace it")
 
 
 def atomic_write_text(path: str | Path, text: str, force: bool = False) -> Path:
     """Write `text` to `path` through a temporary file and a rename; refuse to replace unless `force`."""
     path = Path(path)
-    refuse_existing(path, force)
+    check_output(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

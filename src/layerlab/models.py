@@ -6,6 +6,7 @@ A .gguf file is dequantized by transformers once and kept as a safetensors folde
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -169,15 +170,40 @@ def load(
         resolved = convert_gguf(resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(resolved), dtype=dtype, trust_remote_code=trust_remote_code, **_device_kwargs(device)
-        )
+        with _quiet_if_dropped(resolved):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(resolved), dtype=dtype, trust_remote_code=trust_remote_code, **_device_kwargs(device)
+            )
     except OSError as exc:
         raise ModelLoadError(
             f"cannot load model {source!r}: {str(exc).splitlines()[0]} "
             "(no hub access? use a local folder, a .gguf file or an embedded model)"
         ) from None
+    text = model.config.get_text_config(decoder=True)
+    drop_attn, drop_mlp = getattr(text, "drop_attn_list", None), getattr(text, "drop_mlp_list", None)
+    if (drop_attn or drop_mlp) and not type(model).__name__.startswith("LayerlabDrop"):
+        from .runtime import drop_sublayers  # an export with LLM-Drop lists: its dropped weights are absent
+
+        drop_sublayers(model, list(drop_attn or []), list(drop_mlp or []))
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_if_dropped(folder: Path | str):
+    """An export with LLM-Drop lists lacks the dropped weights on purpose: hide the missing-weights report."""
+    config = Path(str(folder)) / "config.json"
+    dropped = config.is_file() and ("drop_attn_list" in config.read_text() or "drop_mlp_list" in config.read_text())
+    if not dropped:
+        yield
+        return
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def layer_count(source: str) -> int:

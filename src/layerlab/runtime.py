@@ -90,9 +90,7 @@ class AppliedPlan:
         set_path(self.model, self._arch.layers, steps)
         skipped = [i for i, s in enumerate(plan.steps) if not s.attention]
         if skipped:
-            owner = get_path(self.model, self._arch.layers.rpartition(".")[0])
-            hook = functools.partial(_prepare_cache, config=self._config, skipped=skipped, size=len(plan.steps))
-            self._hook = owner.register_forward_pre_hook(hook, with_kwargs=True)
+            self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(plan.steps))
         setattr(self.model, _APPLIED, self)
 
     def _patch_config(self, plan: Plan) -> None:
@@ -140,15 +138,38 @@ def _step_module(layer: nn.Module, arch: Arch, index: int, step: Step) -> nn.Mod
         attention = _shallow_copy(clone._modules[arch.attention])
         attention.layer_idx = index
         clone._modules[arch.attention] = attention
-    else:
-        clone._modules[arch.attention] = SkippedAttention()
-        for norm in arch.attention_norms:
-            clone._modules[norm] = nn.Identity()
-    if not step.mlp:
-        clone._modules[arch.mlp] = SkippedMLP()
-        for norm in arch.mlp_norms:
-            clone._modules[norm] = nn.Identity()
+    skip_halves(clone, arch, attention=not step.attention, mlp=not step.mlp)
     return clone
+
+
+def skip_halves(layer: nn.Module, arch: Arch, attention: bool, mlp: bool) -> None:
+    """Replace a layer's attention and/or MLP, with the norms that belong only to it, by no-ops."""
+    if attention:
+        layer._modules[arch.attention] = SkippedAttention()
+        for norm in arch.attention_norms:
+            layer._modules[norm] = nn.Identity()
+    if mlp:
+        layer._modules[arch.mlp] = SkippedMLP()
+        for norm in arch.mlp_norms:
+            layer._modules[norm] = nn.Identity()
+
+
+def register_cache_hook(model: nn.Module, arch: Arch, config: Any, skipped: list[int], size: int):
+    """Before each forward, give the listed attention-less steps an empty cache slot."""
+    owner = get_path(model, arch.layers.rpartition(".")[0])
+    hook = functools.partial(_prepare_cache, config=config, skipped=skipped, size=size)
+    return owner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def drop_sublayers(model: nn.Module, drop_attn: list[int], drop_mlp: list[int]) -> None:
+    """Remove attention / MLP halves for good (a model exported with LLM-Drop lists)."""
+    arch, layers = arch_of(model), decoder_layers(model)
+    if not set(range(len(layers))) - set(drop_attn):
+        raise PlanError("drop_attn_list removes every attention sublayer; keep at least one")
+    for i, layer in enumerate(layers):
+        skip_halves(layer, arch, attention=i in drop_attn, mlp=i in drop_mlp)
+    if drop_attn:
+        register_cache_hook(model, arch, model.config.get_text_config(decoder=True), sorted(drop_attn), len(layers))
 
 
 def _prepare_cache(

@@ -1,24 +1,32 @@
-"""Materializing a whole-layer plan as a standalone Hugging Face model.
+"""Exporting a plan as a standalone Hugging Face model folder.
 
 Dropped layers are gone and repeated layers become copies (mergekit passthrough semantics); the
-config's `num_hidden_layers` and per-layer lists follow the plan, so the result is an ordinary
-model that plain transformers can save and load.
+config's `num_hidden_layers` and per-layer lists follow the plan, so the folder loads with plain
+`AutoModelForCausalLM.from_pretrained(DIR)`. Attention-only / MLP-only steps are recorded as
+LLM-Drop's `drop_attn_list` / `drop_mlp_list` in the config and their weights are left out:
+`layerlab.load(DIR)` honours the lists, and with `remote_code=True` a small self-contained modeling
+file plus `auto_map` lets `from_pretrained(DIR, trust_remote_code=True)` do the same without layerlab.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from ..arch import arch_of
-from ..errors import PlanError
 from ..plan import Plan
+from .files import staged_folder
+
+REMOTE_CODE_FILE = "modeling_layerlab_drop.py"
 
 
 def planned_config(model, plan: Plan):
-    """A copy of the model's config describing the plan's layers."""
+    """A copy of the model's config describing the plan's layers (and its sublayer drops)."""
     config = copy.deepcopy(model.config)
     text = config.get_text_config(decoder=True)
     for name in arch_of(model).per_layer_config:
@@ -26,20 +34,72 @@ def planned_config(model, plan: Plan):
         if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
             setattr(text, name, type(values)(values[i] for i in plan.layers))
     text.num_hidden_layers = len(plan.steps)
+    if not plan.whole_layers:
+        text.drop_attn_list = [j for j, s in enumerate(plan.steps) if not s.attention]
+        text.drop_mlp_list = [j for j, s in enumerate(plan.steps) if not s.mlp]
     return config
+
+
+def _planned_state(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """The state dict of the exported model: layers renumbered, repeats copied, dropped halves left out."""
+    arch = arch_of(model)
+    prefix = arch.layers + "."
+    source = model.state_dict()
+    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
+    for new_index, step in enumerate(plan.steps):
+        old = f"{prefix}{step.layer}."
+        dropped = []
+        if not step.attention:
+            dropped += [arch.attention, *arch.attention_norms]
+        if not step.mlp:
+            dropped += [arch.mlp, *arch.mlp_norms]
+        for key, value in source.items():
+            if key.startswith(old) and key[len(old):].split(".")[0] not in dropped:
+                state[f"{prefix}{new_index}.{key[len(old):]}"] = value.clone()
+    return state
 
 
 @torch.no_grad()
 def materialize(model, plan: Plan):
     """A new model in eval mode whose decoder layers are copies of the plan's layers, in order."""
+    from ..runtime import drop_sublayers
+
+    config = planned_config(model, plan)
+    new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    text = config.get_text_config(decoder=True)
     if not plan.whole_layers:
-        raise PlanError("materializing attention-only or MLP-only steps is not supported yet; use whole layers")
-    prefix = arch_of(model).layers + "."
-    source = model.state_dict()
-    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
-    for new_index, layer in enumerate(plan.layers):
-        old = f"{prefix}{layer}."
-        state.update({f"{prefix}{new_index}.{k[len(old):]}": v.clone() for k, v in source.items() if k.startswith(old)})
-    new = AutoModelForCausalLM.from_config(planned_config(model, plan), dtype=model.dtype)
-    new.load_state_dict(state, strict=True)
+        drop_sublayers(new, text.drop_attn_list, text.drop_mlp_list)
+    new.load_state_dict(_planned_state(model, plan), strict=True)
     return new.to(model.device).eval()
+
+
+def export_hf(model, tokenizer, plan: Plan, out: str | Path, force: bool = False, remote_code: bool = False,
+              card: Callable[[Path], str] | None = None) -> Path:
+    """Write the plan as a model folder (safetensors, config, tokenizer, generation config, README).
+
+    `card(folder)` returns the README text; it is called once the weights are in the staging folder.
+    """
+    new = materialize(model, plan)
+    with staged_folder(out, force) as staging:
+        new.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if remote_code and not plan.whole_layers:
+            _write_remote_code(staging, model)
+        if card is not None:
+            (staging / "README.md").write_text(card(staging), encoding="utf-8")
+    return Path(out)
+
+
+def _write_remote_code(folder: Path, model) -> None:
+    """A modeling file that drops the listed halves itself, and the config's `auto_map` entry for it."""
+    arch = arch_of(model)
+    base = type(model).__name__
+    code = (Path(__file__).with_name("remote_code_template.py.txt").read_text()
+            .replace("BASE_CLASS", base)
+            .replace("ARCH_ROW", repr({"layers": arch.layers, "attention": arch.attention,
+                                       "attention_norms": arch.attention_norms, "mlp": arch.mlp,
+                                       "mlp_norms": arch.mlp_norms})))
+    (folder / REMOTE_CODE_FILE).write_text(code)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.LayerlabDrop{base}"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,53 @@
+"""Staged outputs: build in a temporary sibling, rename into place at the end, refuse to clobber."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..io import check_output
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces `out` only if the block succeeds."""
+    out = Path(out)
+    check_output(out, folder=True, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path that replaces `out` only if the block succeeds."""
+    out = Path(out)
+    check_output(out, folder=False, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging / out.name
+        _replace(staging / out.name, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` (allowed by --force) is removed only after that works."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.with_name(f".{out.name}.replaced")
+    out.rename(old)
+    new.rename(out)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

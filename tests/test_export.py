@@ -1,0 +1,133 @@
+"""Exports: Hugging Face folders and pruned GGUF files give the plan's logits; outputs are written safely."""
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_model
+from transformers import AutoModelForCausalLM
+
+import layerlab
+from layerlab import Plan, PlanError, apply_plan
+from layerlab.export.gguf import check_swa_pattern, prune_gguf
+from layerlab.export.hf import export_hf
+from layerlab.io import OutputExistsError
+from layerlab.models import EMBEDDED
+
+
+class NoTokenizer:
+    def save_pretrained(self, folder):
+        pass
+
+
+def ids():
+    return torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("text", ["skip:1-2", "0-3,2-5"])
+def test_hf_export_loads_with_plain_transformers_and_gives_the_plans_logits(arch, text, tmp_path):
+    model, plan = tiny_model(arch), Plan.parse(text, 6)
+    export_hf(model, NoTokenizer(), plan, tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.config.get_text_config(decoder=True).num_hidden_layers == len(plan.steps)
+    with apply_plan(model, plan):
+        expected = model(ids()).logits
+    assert (exported(ids()).logits - expected).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_sublayer_export_loads_both_ways_and_gives_the_plans_logits(arch, tmp_path):
+    model, plan = tiny_model(arch), Plan.parse("0-5,2; attn-skip:0,4; mlp-skip:2", 6)
+    export_hf(model, NoTokenizer(), plan, tmp_path / "out", remote_code=True)
+    config = (tmp_path / "out" / "config.json").read_text()
+    assert '"drop_attn_list"' in config and '"auto_map"' in config
+    with apply_plan(model, plan):
+        expected = model(ids()).logits
+        expected_tokens = model.generate(ids()[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert type(remote).__name__.startswith("LayerlabDrop")
+    assert (remote(ids()).logits - expected).abs().max() <= 1e-4
+    assert torch.equal(remote.generate(ids()[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8),
+                       expected_tokens)
+    # the dropped weights are not in the file
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert not any(".0.self_attn." in n or ".0.attn." in n for n in names)
+
+
+@torch.no_grad()
+def test_layerlab_load_honours_drop_lists(tmp_path, smollm2_tokenizer):
+    model = tiny_model("llama")
+    model.config.vocab_size = 97
+    plan = Plan.parse("attn-skip:0,3; mlp-skip:5", 6)
+    export_hf(model, smollm2_tokenizer, plan, tmp_path / "out")
+    loaded, _ = layerlab.load(str(tmp_path / "out"))
+    with apply_plan(model, plan):
+        assert (loaded(ids()).logits - model(ids()).logits).abs().max() <= 1e-4
+
+
+def test_outputs_are_never_clobbered(tmp_path):
+    model, plan = tiny_model("llama"), Plan.parse("skip:1", 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not an empty folder; choose another path or pass --force"):
+        export_hf(model, NoTokenizer(), plan, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_hf(model, NoTokenizer(), plan, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging leftovers
+
+
+def test_gemma3_global_layers_must_keep_their_llama_cpp_positions():
+    check_swa_pattern("gemma3", Plan.parse("skip:6-11", 18))
+    check_swa_pattern("llama", Plan.parse("skip:3", 18))
+    with pytest.raises(PlanError, match="step 4 puts global layer 5 where llama.cpp expects a sliding-window layer"):
+        check_swa_pattern("gemma3", Plan.parse("skip:3", 18))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_pruned_gguf_gives_the_plans_logits_and_leaves_the_source_alone(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    source = EMBEDDED["smollm2-135m"].locate()
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    plan = Plan.parse("0-13,14-19x2,20-23,28-29", 30)
+    out = prune_gguf(source, plan, tmp_path / "pruned.gguf")
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    pruned, _ = layerlab.load(str(out))
+    assert pruned.config.num_hidden_layers == len(plan.steps)
+    x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    with apply_plan(model, plan):
+        expected = model(x).logits
+    assert (pruned(x).logits - expected).abs().max() <= 1e-4
+    with pytest.raises(OutputExistsError):
+        prune_gguf(source, plan, out)
+
+
+@pytest.mark.slow
+def test_export_command_writes_a_model_card(tmp_path):
+    out = tmp_path / "smol"
+    result = subprocess.run([sys.executable, "-m", "layerlab.cli", "export", "-m", "smollm2-135m", "-p", "skip:24-26",
+                             "-o", str(out), "--eval-windows", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert "plan: `skip:24-26`" in card and "| decoder layers | 30 | 27 |" in card and "perplexity" in card
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert exported.config.num_hidden_layers == 27
+
+
+def test_mergekit_commands_round_trip(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "layerlab.cli", "plan", *args], capture_output=True, text=True)
+
+    yaml_text = run("to-mergekit", "0-13,14-19x2,20-29", "--layers", "30", "--model-name", "m").stdout
+    (tmp_path / "merge.yaml").write_text(yaml_text)
+    assert run("from-mergekit", str(tmp_path / "merge.yaml"), "--layers", "30").stdout.strip() == "0-19,14-29"
