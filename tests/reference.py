@@ -41,12 +41,14 @@ def _additive_mask(length: int, window: int | None, dtype: torch.dtype) -> torch
 
 
 @torch.no_grad()
-def manual_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The plan's logits computed by calling each layer's submodules by hand (Llama and Gemma 3 layouts)."""
+def manual_states(model, ids: torch.Tensor, plan: Plan) -> tuple[list[tuple], torch.Tensor]:
+    """Each step's (h_in, h_mid, h_out), computed by calling the layer's submodules by hand
+    (Llama and Gemma 3 layouts), and the final hidden state."""
     base, config = model.model, model.config
     gemma = config.model_type == "gemma3_text"
     h = base.embed_tokens(ids)
     positions = torch.arange(ids.shape[1])[None]
+    states = []
     for step in plan.steps:
         layer = base.layers[step.layer]
         if gemma:
@@ -56,17 +58,27 @@ def manual_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
         else:
             pe, window = base.rotary_emb(h, positions), None
         mask = _additive_mask(ids.shape[1], window, h.dtype)
+        h_in = h
         if step.attention:
             normed = layer.input_layernorm(h)
             out = layer.self_attn(hidden_states=normed, position_embeddings=pe, attention_mask=mask)[0]
             h = h + (layer.post_attention_layernorm(out) if gemma else out)
+        h_mid = h
         if step.mlp:
             if gemma:
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
             else:
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
-    logits = model.lm_head(base.norm(h))
-    cap = getattr(config, "final_logit_softcapping", None)
+        states.append((h_in, h_mid, h))
+    return states, h
+
+
+@torch.no_grad()
+def manual_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The plan's logits from the hand-computed forward of `manual_states`."""
+    _, h = manual_states(model, ids, plan)
+    logits = model.lm_head(model.model.norm(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 

@@ -1,0 +1,99 @@
+"""File size, peak memory and llama.cpp decode speed of an original and a pruned GGUF, side by side.
+
+The pruned file drops whole layers (default: 6 of SmolLM2's 30, the naive "last layers before the
+final one" choice). Each measurement runs llama.cpp (llama-cpp-python) in a fresh process that
+reports its decode tokens/s and its peak resident memory (VmHWM); original and pruned alternate over
+several rounds and the medians are compared. Every ratio is printed next to the ideal that the
+removed share of the weights implies (decode on CPU reads every weight once per token).
+
+    python benchmarks/export_size_speed.py [--model smollm2-135m] [--plan skip:23-28] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gguf import GGUFReader
+
+from layerlab import Plan
+from layerlab.export.gguf import prune_gguf
+from layerlab.models import EMBEDDED
+
+CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+path, tokens = sys.argv[1], int(sys.argv[2])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+prompt = llm.tokenize(b"Once upon a time, in a small village by the sea,", add_bos=True)
+llm.eval(prompt)
+token = int(np.argmax(llm.eval_logits[-1]))
+start = time.perf_counter()
+for _ in range(tokens):
+    llm.eval([token])
+    token = int(np.argmax(llm.eval_logits[-1]))
+seconds = time.perf_counter() - start
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"tokens_per_s": tokens / seconds, "peak_mb": peak / 1024}))
+"""
+
+
+def measure(path: Path, tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tokens)], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def block_bytes(path: Path) -> tuple[int, dict[int, int]]:
+    """All tensor bytes, and the bytes of each `blk.N` block."""
+    total, blocks = 0, {}
+    for tensor in GGUFReader(str(path)).tensors:
+        total += int(tensor.n_bytes)
+        if tensor.name.startswith("blk."):
+            layer = int(tensor.name.split(".")[1])
+            blocks[layer] = blocks.get(layer, 0) + int(tensor.n_bytes)
+    return total, blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
+    parser.add_argument("--plan", default="skip:23-28")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    source = EMBEDDED[args.model].locate()
+    total, blocks = block_bytes(source)
+    plan = Plan.parse(args.plan, len(blocks))
+    kept = sum(blocks[layer] for layer in plan.layers) + total - sum(blocks.values())
+    with tempfile.TemporaryDirectory() as folder:
+        pruned = prune_gguf(source, plan, Path(folder) / "pruned.gguf")
+        runs: dict[str, list[dict]] = {"original": [], "pruned": []}
+        for index in range(args.rounds + 1):  # round 0 warms the page cache and is discarded
+            order = [("original", source), ("pruned", pruned)][:: 1 if index % 2 else -1]
+            for name, path in order:
+                result = measure(path, args.tokens)
+                if index:
+                    runs[name].append(result)
+        sizes = {"original": source.stat().st_size, "pruned": pruned.stat().st_size}
+    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    peak = {k: statistics.median(r["peak_mb"] for r in v) for k, v in runs.items()}
+    ideal = kept / total
+    print(f"{args.model}: plan {plan} ({len(plan.steps)} of {plan.num_layers} layers); removed share of the "
+          f"weight bytes {1 - ideal:.1%}; {args.tokens} decode tokens, {args.rounds} alternating rounds, llama.cpp")
+    print(f"  file size   original {sizes['original'] / 2**20:7.1f} MiB  pruned {sizes['pruned'] / 2**20:7.1f} MiB"
+          f"  ratio {sizes['pruned'] / sizes['original']:.3f}  (ideal {ideal:.3f})")
+    print(f"  peak memory original {peak['original']:7.1f} MiB  pruned {peak['pruned']:7.1f} MiB"
+          f"  ratio {peak['pruned'] / peak['original']:.3f}  (ideal for the weights {ideal:.3f}; the rest is runtime)")
+    print(f"  decode      original {speed['original']:7.1f} tok/s  pruned {speed['pruned']:7.1f} tok/s"
+          f"  speedup {speed['pruned'] / speed['original']:.3f}  (ideal {1 / ideal:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Looking inside: plots of importance scores and layer similarity."""

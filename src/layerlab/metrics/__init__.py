@@ -1,0 +1,1 @@
+"""Layer importance metrics (hook-based: `similarity.py`)."""

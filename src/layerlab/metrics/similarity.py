@@ -1,0 +1,154 @@
+"""Importance of every step and sublayer from ONE forward pass over calibration text.
+
+Forward hooks record, for every executed step of the plan (the identity plan by default), the
+residual stream entering the step `h_in`, between its attention and MLP halves `h_mid` (the input
+of the MLP branch's first norm), and leaving it `h_out`. From these:
+
+- Block Influence (ShortGPT, Men et al. 2024, "ShortGPT: Layers in Large Language Models are More
+  Redundant Than You Expect", eq. 1): BI_i = 1 - E_t[cos(h_in_t, h_out_t)] over tokens t.
+- Angular distance (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers",
+  eq. 7): d(x^l, x^{l+n}) = arccos(cos(x^l, x^{l+n})) / pi, averaged over tokens, for every start l
+  and block size n, where x^l is the stream entering step l (x^L is the last step's output). The
+  paper reads the last token of each sequence; `tokens="last"` does that, `"all"` uses every token.
+- Sublayer cosine (LLM-Drop, He et al. 2024, "What Matters in Transformers? Not All Attention is
+  Needed", eq. 2): importance = 1 - E_t[cos(X, Y)] between a module's input and its output after the
+  residual add: attention (h_in -> h_mid) and MLP (h_mid -> h_out).
+Higher means more important (more change) for every metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..arch import arch_of, decoder_layers
+from ..evaluate.perplexity import bos_id, make_windows
+from ..plan import Plan
+from ..runtime import apply_plan
+
+
+@dataclass
+class Similarity:
+    """Per-step scores of one plan (index = step), and the angular-distance matrix."""
+
+    plan: Plan
+    block_influence: list[float]
+    attention_importance: list[float | None]  # None where the step runs no attention
+    mlp_importance: list[float | None]  # None where the step runs no MLP
+    angular: list[list[float | None]]  # angular[l][n-1]: block of n steps starting at step l
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_text(), "layers": list(self.plan.layers), "tokens": self.tokens,
+                "block_influence": self.block_influence, "attention_importance": self.attention_importance,
+                "mlp_importance": self.mlp_importance, "angular_distance": self.angular}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+class _Recorder:
+    """Forward hooks that keep each step's residual stream at its three points."""
+
+    def __init__(self, model) -> None:
+        arch = arch_of(model)
+        self.steps = list(decoder_layers(model))
+        self.h_in: list[torch.Tensor | None] = [None] * len(self.steps)
+        self.h_mid: list[torch.Tensor | None] = [None] * len(self.steps)
+        self.h_out: list[torch.Tensor | None] = [None] * len(self.steps)
+        self.current = 0  # the step now running: repeated steps share their norm modules
+        self.handles = []
+        norms = {}
+        for i, step in enumerate(self.steps):
+            self.handles.append(step.register_forward_pre_hook(self._keep_input(i), with_kwargs=True))
+            self.handles.append(step.register_forward_hook(self._keep_output(i)))
+            norm = step._modules.get(arch.mlp_norms[0])
+            if norm is not None and not isinstance(norm, torch.nn.Identity):
+                norms[id(norm)] = norm
+        for norm in norms.values():
+            self.handles.append(norm.register_forward_pre_hook(self._keep_mid, with_kwargs=True))
+
+    def _keep_input(self, index: int):
+        def hook(module, args, kwargs):
+            self.current = index
+            self.h_in[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    def _keep_mid(self, module, args, kwargs) -> None:
+        self.h_mid[self.current] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def _keep_output(self, index: int):
+        def hook(module, args, output):
+            self.h_out[index] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int = 512, windows: int = 8,
+               tokens: str = "all", progress: bool = True) -> Similarity:
+    """All hook-based metrics for `plan`'s steps from one pass over `windows` windows of `text`."""
+    if tokens not in ("all", "last"):
+        raise ValueError("tokens must be 'all' or 'last'")
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    plan = plan or Plan.identity(n_layers)
+    chunks = make_windows(tokenizer(text)["input_ids"], ctx, None, bos_id(tokenizer), False)[:windows]
+    if not chunks:
+        raise ValueError(f"the calibration text is shorter than one window of {ctx} tokens")
+    steps = len(plan.steps)
+    sums = {"bi": torch.zeros(steps, dtype=torch.float64), "attn": torch.zeros(steps, dtype=torch.float64),
+            "mlp": torch.zeros(steps, dtype=torch.float64),
+            "angular": torch.zeros(steps + 1, steps + 1, dtype=torch.float64)}
+    count = 0
+    with apply_plan(model, plan):
+        recorder = _Recorder(model)
+        try:
+            for chunk in tqdm(chunks, desc="similarity", unit="window", disable=not progress, leave=False):
+                model(torch.tensor([chunk.ids], device=model.device), use_cache=False)
+                count += _accumulate(sums, recorder, plan, tokens)
+        finally:
+            recorder.remove()
+    return _finish(sums, count, plan, count_last=len(chunks) if tokens == "last" else None)
+
+
+def _accumulate(sums: dict, recorder: _Recorder, plan: Plan, tokens: str) -> int:
+    """Add one window's per-token cosines; return how many tokens it contributed."""
+    h_in = [h[0] for h in recorder.h_in]
+    h_out = [h[0] for h in recorder.h_out]
+    states = torch.stack(h_in + [h_out[-1]])  # (steps + 1, T, d): x^0 .. x^L
+    for i, step in enumerate(plan.steps):
+        sums["bi"][i] += _cosine(h_in[i], h_out[i]).sum()
+        mid = recorder.h_mid[i][0] if step.mlp and step.attention else (h_out[i] if step.attention else h_in[i])
+        if step.attention:
+            sums["attn"][i] += _cosine(h_in[i], mid).sum()
+        if step.mlp:
+            sums["mlp"][i] += _cosine(mid, h_out[i]).sum()
+    picked = states[:, -1:] if tokens == "last" else states
+    unit = F.normalize(picked.double(), dim=-1)
+    cos = torch.einsum("itd,jtd->ijt", unit, unit).clamp(-1, 1)
+    sums["angular"] += torch.arccos(cos).sum(-1) / math.pi
+    return states.shape[1]
+
+
+def _finish(sums: dict, count: int, plan: Plan, count_last: int | None) -> Similarity:
+    steps = len(plan.steps)
+    angular_count = count_last or count
+    angular = [[float(sums["angular"][start, start + n]) / angular_count if start + n <= steps else None
+                for n in range(1, steps + 1)] for start in range(steps)]
+    return Similarity(
+        plan=plan,
+        block_influence=[1 - float(v) / count for v in sums["bi"]],
+        attention_importance=[1 - float(sums["attn"][i]) / count if s.attention else None
+                              for i, s in enumerate(plan.steps)],
+        mlp_importance=[1 - float(sums["mlp"][i]) / count if s.mlp else None for i, s in enumerate(plan.steps)],
+        angular=angular,
+        tokens=count,
+    )
