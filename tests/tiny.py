@@ -30,8 +30,12 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A 6-layer random model in eval mode, float32, eager-free default attention."""
+def tiny_model(arch: str, seed: int = 0, layers: int = 6) -> torch.nn.Module:
+    """A random model (6 layers unless asked) in eval mode, float32, default attention."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    config = CONFIGS[arch]()
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
+    model = AutoModelForCausalLM.from_config(config)
     return model.eval()

@@ -23,7 +23,9 @@ class Arch:
     attention_norms: tuple[str, ...]  # norms applied only on the attention branch
     mlp: str  # MLP submodule of a layer
     mlp_norms: tuple[str, ...]  # norms applied only on the MLP branch
+    final_norm: str = "model.norm"  # norm between the last layer and the LM head
     per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists indexed by layer
+    embeds_are_stream: bool = True  # `inputs_embeds` enter the first layer unchanged (no position embeddings)
 
 
 _LLAMA_LIKE = Arch(
@@ -53,6 +55,8 @@ ARCHITECTURES: dict[str, Arch] = {
         attention_norms=("ln_1",),
         mlp="mlp",
         mlp_norms=("ln_2",),
+        final_norm="transformer.ln_f",
+        embeds_are_stream=False,  # learned position embeddings are added to inputs_embeds
     ),
 }
 

@@ -196,6 +196,59 @@ def score(source, plan_text, text, ctx, windows, tokens, out, force) -> None:
     console.print(f"scores.json, importance.png and angular.png written to {out}")
 
 
+@cli.command()
+@model_option()
+@click.option("--remove", "-r", type=click.IntRange(1), help="Units (layers or halves) to remove.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of the units to remove, instead of --remove.")
+@click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
+              help="Remove until the parameters the plan runs shrink by this factor.")
+@click.option("--method", type=click.Choice(["greedy", "bi", "angular", "cosine"]), default="greedy", show_default=True)
+@click.option("--granularity", type=click.Choice(["layer", "attn", "mlp", "sublayer"]), default="layer",
+              show_default=True)
+@click.option("--text", default="wikitext2-valid", show_default=True, help="Calibration text (not the eval text).")
+@click.option("--ctx", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--windows", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Greedy: share of candidates kept for the next round (llama.cpp-style pruning).")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Greedy: save state after each round.")
+@click.option("--resume", is_flag=True, help="Greedy: continue from --state.")
+def search(source, remove, fraction, target_speedup, method, granularity, text, ctx, windows, keep, state_path,
+           resume) -> None:
+    """Find a plan that removes layers or sublayers: one-shot by a metric, or greedy by perplexity."""
+    from .corpora import read_text
+    from .metrics.similarity import similarity
+    from .models import layer_count, load
+    from .search import Budget, greedy, one_shot
+
+    if sum(x is not None for x in (remove, fraction, target_speedup)) != 1:
+        raise click.UsageError("give exactly one of --remove, --fraction or --target-speedup")
+    if resume and not state_path:
+        raise click.UsageError("--resume needs --state")
+    n = layer_count(source)
+    units = n * (2 if granularity == "sublayer" else 1)
+    remove = remove if remove is not None else (round(fraction * units) if fraction is not None else None)
+    if method != "greedy" and remove is None:
+        raise click.UsageError("one-shot methods take --remove or --fraction")
+    model, tokenizer = load(source)
+    calibration = read_text(text)
+    if method == "greedy":
+        state = greedy(model, tokenizer, calibration, Budget(remove, target_speedup), granularity, ctx=ctx,
+                       windows=windows, keep=keep, state_path=state_path, resume=resume)
+        table = Table("round", "removed", "perplexity", "candidates", "aborted", "layer forwards",
+                      title=f"greedy search on {text}")
+        for t in state.trace:
+            table.add_row(str(t["round"]), t["removed"], f"{t['perplexity']:.3f}", str(t["candidates"]),
+                          str(t["aborted"]), str(t["layer_forwards"]))
+        console.print(table)
+        found = Plan.from_dict(state.plan, n)
+        console.print(f"plan: {found.to_text()}   calibration perplexity {state.trace[-1]['perplexity']:.3f}")
+        return
+    scores = similarity(model, tokenizer, calibration, ctx=ctx, windows=windows)
+    found = one_shot(scores, method, remove, granularity)
+    console.print(f"plan: {found.to_text()}")
+
+
 def _maybe(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 

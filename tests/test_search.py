@@ -1,0 +1,80 @@
+"""Plan search: prefix reuse gives the naive search's plan with fewer layer forwards; resume; one-shot."""
+
+import math
+
+import pytest
+from test_evaluate import TEXT, CharTokenizer
+from tiny import tiny_model
+
+from layerlab import Plan
+from layerlab.metrics.similarity import similarity
+from layerlab.search import Budget, candidates, greedy, one_shot
+
+
+def search(model, **kwargs):
+    options = dict(budget=Budget(remove=3), ctx=64, windows=3, progress=False) | kwargs
+    return greedy(model, CharTokenizer(), TEXT, **options)
+
+
+# Reuse alone costs about (L + 1) / 2L of the naive forwards for whole layers; a sublayer candidate
+# also reruns its own step, so two candidates share each prefix and the bound is looser.
+@pytest.mark.parametrize("arch, granularity, bound", [("llama", "layer", 0.6), ("gemma3", "sublayer", 0.7)])
+def test_prefix_reuse_and_early_abort_give_the_naive_plan_with_fewer_layer_forwards(arch, granularity, bound):
+    model = tiny_model(arch, layers=12)
+    naive = search(model, granularity=granularity, reuse=False, abort=False, windows=2, ctx=48)
+    fast = search(model, granularity=granularity, windows=2, ctx=48)
+    assert fast.plan == naive.plan
+    assert [t["removed"] for t in fast.trace] == [t["removed"] for t in naive.trace]
+    for a, b in zip(fast.trace, naive.trace, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert fast.layer_forwards <= bound * naive.layer_forwards
+
+
+def test_each_round_removes_the_candidate_with_the_lowest_loss():
+    model = tiny_model("llama")
+    state = search(model, budget=Budget(remove=1), reuse=False, abort=False)
+    from layerlab.evaluate.perplexity import make_windows
+    from layerlab.search import LossEvaluator
+
+    windows = make_windows(CharTokenizer()(TEXT)["input_ids"], 64, None, None, False)[:3]
+    evaluator = LossEvaluator(model, windows, reuse=False, abort=False)
+    losses = {c.key: evaluator.loss(c) for c in candidates(Plan.identity(6), "layer")}
+    assert state.trace[0]["removed"] == min(losses, key=losses.get)
+    assert state.trace[0]["loss"] == pytest.approx(losses[state.trace[0]["removed"]])
+
+
+def test_interrupted_search_resumes_to_the_same_plan(tmp_path):
+    model = tiny_model("qwen2")
+    whole = search(model, budget=Budget(remove=4), keep=0.5)
+    path = tmp_path / "state.json"
+    first = search(model, budget=Budget(remove=4), keep=0.5, state_path=path, max_rounds=2)
+    assert len(first.trace) == 2 and path.exists()
+    resumed = search(model, budget=Budget(remove=4), keep=0.5, state_path=path, resume=True)
+    assert resumed.plan == whole.plan and len(resumed.trace) == 4
+    assert [t["removed"] for t in resumed.trace] == [t["removed"] for t in whole.trace]
+
+
+def test_pruning_keeps_only_the_best_candidates():
+    model = tiny_model("llama")
+    state = search(model, budget=Budget(remove=3), keep=0.5)
+    # 6, then the best half of the other 5; then 1: never fewer than the removals still needed
+    assert [t["candidates"] for t in state.trace] == [6, math.ceil(0.5 * 5), 1]
+
+
+def test_target_speedup_budget_stops_when_the_parameters_shrink_enough():
+    model = tiny_model("llama")
+    state = search(model, budget=Budget(target_speedup=1.3))
+    assert 1 <= len(state.trace) < 6
+
+
+def test_one_shot_methods():
+    model, tokenizer = tiny_model("llama"), CharTokenizer()
+    sim = similarity(model, tokenizer, TEXT, ctx=64, windows=2, progress=False)
+    by_bi = one_shot(sim, "bi", 2)
+    lowest = sorted(range(6), key=lambda i: sim.block_influence[i])[:2]
+    assert sorted(set(range(6)) - set(by_bi.layers)) == sorted(lowest)
+    by_angle = one_shot(sim, "angular", 2)
+    start = min(range(5), key=lambda i: sim.angular[i][1])
+    assert list(by_angle.layers) == [i for i in range(6) if i not in (start, start + 1)]
+    attn = one_shot(sim, "cosine", 2, "attn")
+    assert sum(not s.attention for s in attn.steps) == 2 and len(attn.steps) == 6
