@@ -12,31 +12,27 @@ from ..io import check_output
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path, force: bool = False) -> Iterator[Path]:
+def _staged(out: str | Path, force: bool, folder: bool) -> Iterator[Path]:
+    out = Path(out)
+    check_output(out, folder=folder, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    target = staging if folder else staging / out.name
+    try:
+        yield target
+        _replace(target, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staged_folder(out: str | Path, force: bool = False):
     """Yield an empty temporary folder that replaces `out` only if the block succeeds."""
-    out = Path(out)
-    check_output(out, folder=True, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return _staged(out, force, folder=True)
 
 
-@contextlib.contextmanager
-def staged_file(out: str | Path, force: bool = False) -> Iterator[Path]:
+def staged_file(out: str | Path, force: bool = False):
     """Yield a temporary file path that replaces `out` only if the block succeeds."""
-    out = Path(out)
-    check_output(out, folder=False, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging / out.name
-        _replace(staging / out.name, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return _staged(out, force, folder=False)
 
 
 def _replace(new: Path, out: Path) -> None:
