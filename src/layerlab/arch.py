@@ -61,6 +61,16 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+def per_layer_values(config, arch: Arch, layers: tuple[int, ...], num_layers: int) -> dict[str, list]:
+    """The config's per-layer lists (such as `layer_types`) re-indexed to follow `layers`."""
+    out = {}
+    for name in arch.per_layer_config:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == num_layers:
+            out[name] = type(values)(values[i] for i in layers)
+    return out
+
+
 def arch_of(model: nn.Module) -> Arch:
     """The row for `model`, or a clear error naming the missing architecture."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

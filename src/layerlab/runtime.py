@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
-from .arch import Arch, arch_of, decoder_layers, get_path, set_path
+from .arch import Arch, arch_of, decoder_layers, get_path, per_layer_values, set_path
 from .errors import PlanError
 from .plan import Plan, Step
 
@@ -96,10 +96,7 @@ class AppliedPlan:
     def _patch_config(self, plan: Plan) -> None:
         """Make the config describe the executed steps; remember the originals."""
         updates: dict[str, Any] = {"num_hidden_layers": len(plan.steps)}
-        for name in self._arch.per_layer_config:
-            values = getattr(self._config, name, None)
-            if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
-                updates[name] = type(values)(values[s.layer] for s in plan.steps)
+        updates |= per_layer_values(self._config, self._arch, plan.layers, plan.num_layers)
         for name, value in updates.items():
             self._saved_config[name] = getattr(self._config, name)
             setattr(self._config, name, value)

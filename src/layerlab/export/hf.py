@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..arch import arch_of
+from ..arch import arch_of, per_layer_values
 from ..plan import Plan
 from .files import staged_folder
 
@@ -29,10 +29,8 @@ def planned_config(model, plan: Plan):
     """A copy of the model's config describing the plan's layers (and its sublayer drops)."""
     config = copy.deepcopy(model.config)
     text = config.get_text_config(decoder=True)
-    for name in arch_of(model).per_layer_config:
-        values = getattr(text, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
-            setattr(text, name, type(values)(values[i] for i in plan.layers))
+    for name, values in per_layer_values(text, arch_of(model), plan.layers, plan.num_layers).items():
+        setattr(text, name, values)
     text.num_hidden_layers = len(plan.steps)
     if not plan.whole_layers:
         text.drop_attn_list = [j for j, s in enumerate(plan.steps) if not s.attention]
