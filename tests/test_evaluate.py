@@ -20,7 +20,7 @@ class CharTokenizer:
     def __init__(self, bos: int | None = None):
         self.bos_token_id = bos
 
-    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+    def __call__(self, text, add_special_tokens=True, return_tensors=None, split_special_tokens=False):
         ids = [1 + ord(c) % 90 for c in text]
         if add_special_tokens and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids

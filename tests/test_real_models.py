@@ -56,3 +56,12 @@ def test_self_speculation_style_sublayer_plan_decodes_consistently(smollm2):
         cached = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
         recomputed = greedy_without_cache(model, prompt, 32)
     assert torch.equal(cached, recomputed)
+
+
+def test_special_token_strings_in_text_stay_text(gemma3):
+    """WikiText writes `<unk>`; llama.cpp tokenizes it as text, so must perplexity (else Gemma's ppl triples)."""
+    from layerlab.evaluate.perplexity import encode_text
+
+    _, tokenizer = gemma3
+    assert tokenizer.unk_token_id in tokenizer("a <unk> b")["input_ids"]
+    assert tokenizer.unk_token_id not in encode_text(tokenizer, "a <unk> b")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, get_path
 from .errors import LayerlabError, PlanError
-from .evaluate.perplexity import Window, bos_id, make_windows
+from .evaluate.perplexity import Window, bos_id, encode_text, make_windows
 from .evaluate.speed import parameter_bytes
 from .io import atomic_write_text
 from .metrics.similarity import Similarity
@@ -185,7 +185,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
            progress: bool = True) -> SearchState:
     """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early."""
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    chunks = make_windows(tokenizer(text)["input_ids"], ctx, None, bos_id(tokenizer), False)[:windows]
+    chunks = make_windows(encode_text(tokenizer, text), ctx, None, bos_id(tokenizer), False)[:windows]
     if not chunks:
         raise LayerlabError(f"the calibration text is shorter than one window of {ctx} tokens")
     if keep < 1 and start is not None and len(set(start.layers)) < len(start.steps):

@@ -8,7 +8,8 @@ Windows:
   earlier window scored are scored, so each token is predicted with up to `ctx - S` tokens of context
   (the method of the Hugging Face perplexity guide).
 
-BOS: when the tokenizer adds a BOS token, the text is tokenized with it, and in non-overlapping
+Tokens: special-token strings inside the text (WikiText's `<unk>`) are tokenized as plain text, as
+llama.cpp does. BOS: when the tokenizer adds a BOS token, the text is tokenized with it, and in non-overlapping
 windows the first token of every window is replaced by BOS (as llama.cpp does), so each window
 starts like a document. Sliding windows keep the text's own tokens.
 """
@@ -38,6 +39,12 @@ class PerplexityResult:
 class Window:
     ids: list[int]
     score_from: int  # first position whose token is scored (predicted from the position before)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of raw text. Strings that look like special tokens (WikiText's `<unk>`) stay plain
+    text, as in llama.cpp's tokenizer, instead of becoming the special token."""
+    return tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
 def bos_id(tokenizer) -> int | None:
@@ -96,7 +103,7 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of `text` under `model` as it is now (apply a plan around the call)."""
-    tokens = tokenizer(text)["input_ids"]
+    tokens = encode_text(tokenizer, text)
     windows = make_windows(tokens, ctx, stride, bos_id(tokenizer), llama_cpp)[:max_windows]
     if not windows:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
