@@ -113,15 +113,20 @@ def test_pruned_gguf_gives_the_plans_logits_and_leaves_the_source_alone(smollm2,
 
 
 @pytest.mark.slow
-def test_export_command_writes_a_model_card(tmp_path):
+@torch.no_grad()
+def test_export_command_writes_a_model_card_and_the_plans_model(smollm2, tmp_path):
     out = tmp_path / "smol"
-    result = subprocess.run([sys.executable, "-m", "layerlab.cli", "export", "-m", "smollm2-135m", "-p", "skip:24-26",
+    result = subprocess.run([sys.executable, "-m", "layerlab.cli", "export", "-m", "smollm2-135m", "-p", "0-23,20x2",
                              "-o", str(out), "--eval-windows", "1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     card = (out / "README.md").read_text()
-    assert "plan: `skip:24-26`" in card and "| decoder layers | 30 | 27 |" in card and "perplexity" in card
-    exported = AutoModelForCausalLM.from_pretrained(out)
-    assert exported.config.num_hidden_layers == 27
+    assert "plan: `0-23,20x2`" in card and "| decoder layers | 30 | 26 |" in card and "perplexity" in card
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, tokenizer = smollm2
+    x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    with apply_plan(model, Plan.parse("0-23,20x2", 30)):
+        expected = model(x).logits
+    assert (exported(x).logits - expected).abs().max() <= 1e-4
 
 
 def test_mergekit_commands_round_trip(tmp_path):
