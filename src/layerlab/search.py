@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, get_path
 from .errors import LayerlabError, PlanError
-from .evaluate.perplexity import Window, bos_id, encode_text, make_windows
+from .evaluate.perplexity import Window, bos_id, encode_text, logits_nll, make_windows, window_nll
 from .evaluate.speed import parameter_bytes
 from .io import atomic_write_text
 from .metrics.similarity import Similarity
@@ -96,7 +95,7 @@ class LossEvaluator:
                 handles = [step.register_forward_pre_hook(keep, with_kwargs=True)
                            for step in decoder_layers(self.model)]
                 try:
-                    total += self._nll(self._ids(window), window)
+                    total += window_nll(self.model, [window])[0]
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -112,31 +111,19 @@ class LossEvaluator:
         total = 0.0
         for index, window in enumerate(self.windows):
             if self.reuse and self._prefix and not suffix:  # the last step removed: only the head runs
-                total += self._nll_from_logits(head_logits(self.model, self._prefix[index][-1])[0, :-1], window)
+                stream = self._prefix[index][-1][:, window.score_from - 1:-1]
+                total += logits_nll(head_logits(self.model, stream), [window], window.score_from)[0]
             elif from_prefix:
                 with apply_plan(self.model, Plan(suffix, candidate.plan.num_layers)):
-                    total += self._nll(None, window, self._prefix[index][candidate.first_change])
+                    total += window_nll(self.model, [window], self._prefix[index][candidate.first_change])[0]
                 self.layer_forwards += len(suffix)
             else:
                 with apply_plan(self.model, candidate.plan):
-                    total += self._nll(self._ids(window), window)
+                    total += window_nll(self.model, [window])[0]
                 self.layer_forwards += len(candidate.plan.steps)
             if self.abort and total > abort_above:
                 return math.inf
         return total
-
-    def _ids(self, window: Window) -> torch.Tensor:
-        return torch.tensor([window.ids], device=self.model.device)
-
-    def _nll(self, ids: torch.Tensor | None, window: Window, embeds: torch.Tensor | None = None) -> float:
-        logits = self.model(input_ids=ids, inputs_embeds=embeds, use_cache=False).logits[0, :-1]
-        return self._nll_from_logits(logits, window)
-
-    @staticmethod
-    def _nll_from_logits(logits: torch.Tensor, window: Window) -> float:
-        targets = torch.tensor(window.ids[1:], device=logits.device)
-        first = window.score_from - 1
-        return float(F.cross_entropy(logits[first:].float(), targets[first:], reduction="sum"))
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:

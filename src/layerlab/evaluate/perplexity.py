@@ -78,13 +78,24 @@ def make_windows(tokens: list[int], ctx: int, stride: int | None, bos: int | Non
 
 
 @torch.inference_mode()
-def window_nll(model, windows: list[Window]) -> tuple[float, int]:
-    """Summed NLL (nats) and token count over windows of equal length, in one forward pass."""
-    ids = torch.tensor([w.ids for w in windows], device=model.device)
+def window_nll(model, windows: list[Window], embeds: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed NLL (nats) and token count over windows of equal length, in one forward pass.
+
+    `embeds`, when given, replaces the token embeddings as the stream entering the first layer
+    (the plan search starts candidates from a recorded stream this way).
+    """
     first = min(w.score_from for w in windows)
-    logits = model(ids, use_cache=False, logits_to_keep=ids.shape[1] - first + 1).logits[:, :-1].float()
+    length = len(windows[0].ids)
+    ids = None if embeds is not None else torch.tensor([w.ids for w in windows], device=model.device)
+    logits = model(input_ids=ids, inputs_embeds=embeds, use_cache=False, logits_to_keep=length - first + 1).logits
+    return logits_nll(logits[:, :-1], windows, first)
+
+
+def logits_nll(logits: torch.Tensor, windows: list[Window], first: int) -> tuple[float, int]:
+    """Summed NLL and token count, from logits at positions `first - 1 .. length - 2` of each window."""
+    ids = torch.tensor([w.ids for w in windows], device=logits.device)
     targets = ids[:, first:]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     keep = torch.arange(first, ids.shape[1], device=ids.device)[None, :] >= torch.tensor(
         [w.score_from for w in windows], device=ids.device
     )[:, None]
