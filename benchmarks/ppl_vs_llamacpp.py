@@ -16,6 +16,7 @@ import math
 import time
 
 import numpy as np
+import torch
 
 import layerlab
 from layerlab.corpora import read_text
@@ -23,11 +24,12 @@ from layerlab.evaluate.perplexity import perplexity
 from layerlab.models import EMBEDDED, resolve_source
 
 
-def llama_cpp_perplexity(gguf: str, text: str, ctx: int, chunks: int | None) -> tuple[float, int, int]:
+def llama_cpp_perplexity(gguf: str, text: str, ctx: int, chunks: int | None,
+                         threads: int | None = None) -> tuple[float, int, int]:
     """Perplexity, scored tokens and chunks, computed the way llama.cpp's perplexity tool does."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False, n_threads=threads)
     add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # adds BOS only if add_bos
     count = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
@@ -52,12 +54,15 @@ def main() -> None:
     parser.add_argument("--text", default="wikitext2-test")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=None, help="first N chunks only (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     text = read_text(args.text)
 
     start = time.perf_counter()
     reference, ref_tokens, ref_chunks = llama_cpp_perplexity(str(resolve_source(args.model)), text, args.ctx,
-                                                             args.chunks)
+                                                             args.chunks, args.threads)
     llama_seconds = time.perf_counter() - start
     model, tokenizer = layerlab.load(args.model)
     start = time.perf_counter()

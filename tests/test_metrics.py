@@ -53,17 +53,44 @@ def test_angular_distance_on_last_tokens_and_block_influence_is_the_one_layer_an
 
 
 @pytest.mark.slow
-def test_score_command_writes_table_json_and_charts(tmp_path):
+def test_score_command_writes_table_json_and_charts_with_perplexity_deltas(tmp_path):
     import json
     import subprocess
     import sys
 
     out = tmp_path / "score"
     result = subprocess.run([sys.executable, "-m", "layerlab.cli", "score", "--model", "smollm2-135m", "--ctx", "64",
-                             "--windows", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                             "--windows", "1", "--ppl-delta", "--out", str(out)], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Block Influence" in result.stdout
+    assert "Block Influence" in result.stdout and "Δppl attn" in result.stdout
     scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["perplexity_delta"]["units"]) == 3 * 30
     assert len(scores["block_influence"]) == 30 and len(scores["angular_distance"]) == 30
     for name in ("importance.png", "angular.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_perplexity_deltas_equal_the_perplexity_of_each_plan_with_one_unit_skipped(arch):
+    from layerlab.evaluate.perplexity import perplexity
+    from layerlab.metrics.perplexity_delta import perplexity_deltas
+    from layerlab.runtime import apply_plan
+
+    model, tokenizer = tiny_model(arch), CharTokenizer()
+    on_top = "skip:2"  # deltas on top of an existing plan
+
+    def reference(text):
+        with apply_plan(model, Plan.parse(text, 6)):
+            return perplexity(model, tokenizer, TEXT, ctx=64, max_windows=2, progress=False).perplexity
+
+    deltas = perplexity_deltas(model, tokenizer, TEXT, Plan.parse(on_top, 6), ctx=64, windows=2, progress=False)
+    base = reference(on_top)
+    assert deltas.perplexity == pytest.approx(base, rel=1e-5)
+    assert len(deltas.units) == 3 * 5
+    for layer in (0, 1, 3, 4, 5):
+        for half, text in [("layer", f"skip:2,{layer}"), ("attn", f"skip:2; attn-skip:{layer}"),
+                           ("mlp", f"skip:2; mlp-skip:{layer}")]:
+            unit = next(u for u in deltas.units if u.layer == layer and u.half == half)
+            assert unit.perplexity == pytest.approx(reference(text), rel=1e-5)
+            assert unit.delta == pytest.approx(unit.perplexity - base, rel=1e-4, abs=1e-6)

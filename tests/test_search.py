@@ -7,6 +7,7 @@ from test_evaluate import TEXT, CharTokenizer
 from tiny import tiny_model
 
 from layerlab import Plan
+from layerlab.corpora import read_text
 from layerlab.metrics.similarity import similarity
 from layerlab.search import Budget, candidates, greedy, one_shot
 
@@ -78,3 +79,44 @@ def test_one_shot_methods():
     assert list(by_angle.layers) == [i for i in range(6) if i not in (start, start + 1)]
     attn = one_shot(sim, "cosine", 2, "attn")
     assert sum(not s.attention for s in attn.steps) == 2 and len(attn.steps) == 6
+
+
+def test_search_command_killed_after_its_second_round_resumes_to_the_same_plan(tmp_path, smollm2_tokenizer):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    text = tmp_path / "calibration.txt"
+    text.write_text(read_text("wikitext2-valid")[:20_000])
+    command = [sys.executable, "-m", "layerlab.cli", "search", "--model", str(folder), "--remove", "5", "--ctx", "128",
+               "--windows", "4", "--text", str(text)]
+
+    def found_plan(stdout):
+        return next(line for line in stdout.splitlines() if line.startswith("plan:"))
+
+    whole = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    state = tmp_path / "state.json"
+    search = subprocess.Popen([*command, "--state", str(state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rounds = 0
+    while rounds < 2 and search.poll() is None:
+        time.sleep(0.01)
+        rounds = len(json.loads(state.read_text())["trace"]) if state.exists() else 0
+    search.kill()
+    search.wait()
+    killed_after = len(json.loads(state.read_text())["trace"])
+    assert 2 <= killed_after < 5, "the search ended before it could be killed"
+    resumed = subprocess.run([*command, "--state", str(state), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert found_plan(resumed.stdout) == found_plan(whole.stdout)
+    assert len(json.loads(state.read_text())["trace"]) == 5

@@ -163,34 +163,48 @@ def export(source, plan_text, out, fmt, remote_code, eval_windows, force) -> Non
 @click.option("--windows", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--tokens", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="Tokens the angular distance averages over (Gromov et al. read the last one).")
+@click.option("--ppl-delta", is_flag=True,
+              help="Also measure the perplexity change when each step, attention and MLP is skipped (slower).")
 @click.option("--out", "-o", default="layerlab-score", show_default=True, type=click.Path(file_okay=False),
               help="Folder for scores.json, importance.png and angular.png.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-def score(source, plan_text, text, ctx, windows, tokens, out, force) -> None:
-    """Score every layer and sublayer (Block Influence, angular distance, LLM-Drop cosine) in one pass."""
+def score(source, plan_text, text, ctx, windows, tokens, ppl_delta, out, force) -> None:
+    """Score every layer and sublayer: Block Influence, angular distance, LLM-Drop cosine (one pass), and
+    optionally the perplexity change when each is skipped."""
     import json
 
     from .analysis.plots import angular_heatmap, importance_bars
     from .corpora import read_text
     from .export.files import staged_folder
     from .io import check_output
+    from .metrics.perplexity_delta import HALVES, perplexity_deltas
     from .metrics.similarity import similarity
     from .models import layer_count, load
 
     check_output(out, folder=True, force=force)
     plan = Plan.load(plan_text, layer_count(source))
     model, tokenizer = load(source)
-    result = similarity(model, tokenizer, read_text(text), plan=plan, ctx=ctx, windows=windows, tokens=tokens)
-    table = Table("rank", "step", "layer", "Block Influence", "attention 1-cos", "MLP 1-cos", "angular n=1",
-                  title=f"importance of {plan.to_text()} on {text} ({result.tokens} tokens; higher matters more)")
+    calibration = read_text(text)
+    result = similarity(model, tokenizer, calibration, plan=plan, ctx=ctx, windows=windows, tokens=tokens)
+    deltas = perplexity_deltas(model, tokenizer, calibration, plan, ctx=ctx, windows=windows) if ppl_delta else None
+    columns = ["rank", "step", "layer", "Block Influence", "attention 1-cos", "MLP 1-cos", "angular n=1"]
+    if deltas:
+        columns += ["Δppl skip", "Δppl attn", "Δppl mlp"]
+    table = Table(*columns, title=f"importance of {plan.to_text()} on {text} ({result.tokens} tokens; "
+                                  "higher matters more)")
     order = sorted(range(len(plan.steps)), key=lambda i: result.block_influence[i])
     for rank, i in enumerate(order, 1):
-        table.add_row(str(rank), str(i), str(plan.steps[i].layer), f"{result.block_influence[i]:.4f}",
-                      _maybe(result.attention_importance[i]), _maybe(result.mlp_importance[i]),
-                      f"{result.angular[i][0]:.4f}")
+        row = [str(rank), str(i), str(plan.steps[i].layer), f"{result.block_influence[i]:.4f}",
+               _maybe(result.attention_importance[i]), _maybe(result.mlp_importance[i]), f"{result.angular[i][0]:.4f}"]
+        if deltas:
+            row += [_maybe(unit and unit.delta, "+.3f") for unit in (deltas.get(i, h) for h in HALVES)]
+        table.add_row(*row)
     console.print(table)
+    if deltas:
+        console.print(f"plan perplexity on {text}: {deltas.perplexity:.3f} ({deltas.tokens} tokens)")
+    scores = result.to_dict() | ({"perplexity_delta": deltas.to_dict()} if deltas else {})
     with staged_folder(out, force) as staging:
-        (staging / "scores.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (staging / "scores.json").write_text(json.dumps(scores, indent=2))
         importance_bars(result, staging / "importance.png")
         angular_heatmap(result, staging / "angular.png")
     console.print(f"scores.json, importance.png and angular.png written to {out}")
@@ -249,8 +263,8 @@ def search(source, remove, fraction, target_speedup, method, granularity, text, 
     console.print(f"plan: {found.to_text()}")
 
 
-def _maybe(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _maybe(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, get_path
 from .errors import LayerlabError, PlanError
-from .evaluate.perplexity import Window, bos_id, encode_text, logits_nll, make_windows, window_nll
+from .evaluate.perplexity import Window, calibration_windows, logits_nll, window_nll
 from .evaluate.speed import parameter_bytes
 from .io import atomic_write_text
 from .metrics.similarity import Similarity
@@ -172,9 +172,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
            progress: bool = True) -> SearchState:
     """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early."""
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    chunks = make_windows(encode_text(tokenizer, text), ctx, None, bos_id(tokenizer), False)[:windows]
-    if not chunks:
-        raise LayerlabError(f"the calibration text is shorter than one window of {ctx} tokens")
+    chunks = calibration_windows(tokenizer, text, ctx, windows)
     if keep < 1 and start is not None and len(set(start.layers)) < len(start.steps):
         raise PlanError("pruning candidates (keep < 1) needs a start plan without repeated layers")
     settings = {"granularity": granularity, "ctx": ctx, "windows": windows, "keep": keep, "reuse": reuse,

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import LayerlabError
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -78,6 +80,14 @@ def make_windows(tokens: list[int], ctx: int, stride: int | None, bos: int | Non
 
 
 @torch.inference_mode()
+def calibration_windows(tokenizer, text: str, ctx: int, windows: int) -> list[Window]:
+    """The first `windows` non-overlapping windows of `ctx` tokens of a calibration text."""
+    chunks = make_windows(encode_text(tokenizer, text), ctx, None, bos_id(tokenizer), False)[:windows]
+    if not chunks:
+        raise LayerlabError(f"the calibration text is shorter than one window of {ctx} tokens; lower --ctx")
+    return chunks
+
+
 def window_nll(model, windows: list[Window], embeds: torch.Tensor | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and token count over windows of equal length, in one forward pass.
 

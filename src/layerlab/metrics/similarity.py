@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..arch import arch_of, decoder_layers
-from ..evaluate.perplexity import bos_id, encode_text, make_windows
+from ..evaluate.perplexity import calibration_windows
 from ..plan import Plan
 from ..runtime import apply_plan
 
@@ -100,9 +100,7 @@ def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int =
         raise ValueError("tokens must be 'all' or 'last'")
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     plan = plan or Plan.identity(n_layers)
-    chunks = make_windows(encode_text(tokenizer, text), ctx, None, bos_id(tokenizer), False)[:windows]
-    if not chunks:
-        raise ValueError(f"the calibration text is shorter than one window of {ctx} tokens")
+    chunks = calibration_windows(tokenizer, text, ctx, windows)
     steps = len(plan.steps)
     sums = {"bi": torch.zeros(steps, dtype=torch.float64), "attn": torch.zeros(steps, dtype=torch.float64),
             "mlp": torch.zeros(steps, dtype=torch.float64),
