@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save, save_file
@@ -33,9 +34,12 @@ from tqdm.auto import tqdm
 from .arch import arch_of, decoder_layers, num_layers
 from .errors import LayerlabError
 from .evaluate.perplexity import bos_id, encode_text, make_windows
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes
 from .plan import Plan
 from .runtime import current_plan
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 CHECKPOINT = "checkpoint.safetensors"
 ADAPTER = "adapter"
@@ -73,7 +77,7 @@ class HealResult:
     settings: HealSettings
     losses: list[float]  # training loss of every step, including those before a resumed checkpoint
     adapter_state: dict[str, torch.Tensor] = field(repr=False)  # peft's adapter state dict, before merging
-    adapter_config: object = field(repr=False)  # peft LoraConfig
+    adapter_config: LoraConfig = field(repr=False)
     seconds: float = 0.0  # training time of this call (a resumed run counts only its own part)
 
     def summary(self) -> dict:
@@ -157,8 +161,8 @@ def heal(
     windows = training_windows(tokenizer, text, settings.ctx)
     order = batch_order(len(windows), settings.steps, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)  # LoRA's initial A matrices and dropout
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules))
+    config = LoraConfig(task_type="CAUSAL_LM", r=settings.rank, lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout, target_modules=list(settings.target_modules))
     peft_model = get_peft_model(base, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
@@ -282,6 +286,6 @@ def save_healed(result: HealResult, tokenizer, out: str | Path, force: bool = Fa
     def extra(folder: Path) -> None:
         result.adapter_config.save_pretrained(str(folder / ADAPTER))
         save_file(result.adapter_state, str(folder / ADAPTER / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-        atomic_write_text(folder / "healing.json", json.dumps(result.summary(), indent=2))
+        (folder / "healing.json").write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
 
     return save_folder(result.model, tokenizer, out, force, extra=extra)
