@@ -7,7 +7,7 @@ layer. Adding an architecture means adding a row, not code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -26,6 +26,8 @@ class Arch:
     final_norm: str = "model.norm"  # norm between the last layer and the LM head
     per_layer_config: tuple[str, ...] = ("layer_types",)  # config lists indexed by layer
     embeds_are_stream: bool = True  # `inputs_embeds` enter the first layer unchanged (no position embeddings)
+    # linear layers inside a decoder layer that LoRA healing adapts by default: all of attention and MLP
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 _LLAMA_LIKE = Arch(
@@ -41,7 +43,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused
     "gemma3_text": Arch(
         layers="model.layers",
         attention="self_attn",
@@ -57,6 +59,7 @@ ARCHITECTURES: dict[str, Arch] = {
         mlp_norms=("ln_2",),
         final_norm="transformer.ln_f",
         embeds_are_stream=False,  # learned position embeddings are added to inputs_embeds
+        lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers; c_proj is in both attention and MLP
     ),
 }
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LayerlabError
+from .heal import HealSettings
 from .plan import Plan
 
 console = Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole tables
@@ -261,6 +262,90 @@ def search(source, remove, fraction, target_speedup, method, granularity, text, 
     scores = similarity(model, tokenizer, calibration, ctx=ctx, windows=windows)
     found = one_shot(scores, method, remove, granularity)
     console.print(f"plan: {found.to_text()}")
+
+
+@cli.command()
+@model_option()
+@click.option("--plan", "-p", "plan_text", default="all", show_default=True,
+              help="Layer plan to remove before healing ('all' heals the model as loaded, e.g. an export).")
+@click.option("--data", default="frankenstein", show_default=True,
+              help="Healing text: bundled name or text file. Must not be the evaluation text.")
+@click.option("--steps", default=HealSettings.steps, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=HealSettings.lr, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--rank", default=HealSettings.rank, show_default=True, type=click.IntRange(1), help="LoRA rank.")
+@click.option("--alpha", default=HealSettings.alpha, show_default=True, type=click.IntRange(1), help="LoRA alpha.")
+@click.option("--modules", help="Comma-separated LoRA target modules (default: every attention and MLP projection).")
+@click.option("--ctx", default=HealSettings.ctx, show_default=True, type=click.IntRange(2),
+              help="Tokens per training window.")
+@click.option("--batch-size", default=HealSettings.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=HealSettings.seed, show_default=True)
+@click.option("--checkpoint-every", default=HealSettings.checkpoint_every, show_default=True, type=click.IntRange(1))
+@click.option("--eval-text", default="wikitext2-test", show_default=True,
+              help="Held-out text for the before/after perplexity.")
+@click.option("--eval-windows", default=4, show_default=True, type=click.IntRange(0),
+              help="Windows of 512 tokens of --eval-text (0 skips measuring).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="Folder for the merged model (adapter/ and healing.json inside).")
+@click.option("--force", is_flag=True, help="Replace an existing --out, and start over from old checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out>.checkpoints.")
+@click.option("--device", default="cpu", show_default=True)
+def heal(source, plan_text, data, steps, lr, rank, alpha, modules, ctx, batch_size, seed, checkpoint_every, eval_text,
+         eval_windows, out, force, resume, device) -> None:
+    """Heal a pruned model: LoRA fine-tune on a text, merge, and write a plain model folder."""
+    import shutil
+
+    from .corpora import read_text
+    from .heal import checkpoint_folder, save_healed
+    from .heal import heal as run_heal
+    from .io import check_output
+    from .models import layer_count, load
+
+    check_output(out, folder=True, force=force)
+    checkpoints = checkpoint_folder(out)
+    if not resume:
+        check_output(checkpoints, folder=True, force=force)
+    plan = Plan.load(plan_text, layer_count(source))
+    healing = read_text(data)
+    held_out = read_text(eval_text) if eval_windows else None
+    if held_out == healing:
+        raise LayerlabError(f"--data {data} is the evaluation text; heal on another text (e.g. frankenstein)")
+    settings = HealSettings(steps=steps, lr=lr, rank=rank, alpha=alpha, ctx=ctx, batch_size=batch_size, seed=seed,
+                            checkpoint_every=checkpoint_every,
+                            target_modules=tuple(m.strip() for m in modules.split(",")) if modules else None)
+    model, tokenizer = load(source, device=device)
+    rows = _held_out_rows(model, tokenizer, plan, held_out, eval_windows) if held_out else []
+    result = run_heal(model, tokenizer, healing, plan, settings, checkpoint_dir=checkpoints, resume=resume)
+    if held_out:
+        rows.append(("healed", _perplexity(result.model, tokenizer, held_out, eval_windows)))
+    save_healed(result, tokenizer, out, force)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    table = Table("model", "layers", f"perplexity ({eval_text}, {eval_windows}x512 tokens)",
+                  title=f"healed {plan.to_text()} on {data}: {steps} steps, loss {result.losses[0]:.3f} -> "
+                        f"{result.losses[-1]:.3f}, {result.seconds:.0f} s")
+    for name, (layers, ppl) in rows:
+        table.add_row(name, str(layers), f"{ppl:.2f}")
+    console.print(table)
+    console.print(f"merged model written to {out}, adapter to {out}/adapter")
+
+
+def _held_out_rows(model, tokenizer, plan: Plan, text: str, windows: int) -> list[tuple[str, tuple[int, float]]]:
+    """Perplexity of the original (when the plan removes anything) and the pruned model, before healing."""
+    from .runtime import apply_plan
+
+    chosen = [("original", Plan.identity(plan.num_layers))] if not plan.is_identity else []
+    rows = []
+    for name, p in [*chosen, ("pruned" if chosen else "before", plan)]:
+        with apply_plan(model, p):
+            rows.append((name, _perplexity(model, tokenizer, text, windows)))
+    return rows
+
+
+def _perplexity(model, tokenizer, text: str, windows: int) -> tuple[int, float]:
+    """(layers, perplexity) over `windows` windows of 512 tokens."""
+    from .arch import num_layers
+    from .evaluate.perplexity import perplexity
+
+    return num_layers(model), perplexity(model, tokenizer, text, ctx=512, max_windows=windows).perplexity
 
 
 def _maybe(value: float | None, spec: str = ".4f") -> str:

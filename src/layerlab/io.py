@@ -26,13 +26,21 @@ def check_output(out: str | Path, folder: bool = False, force: bool = False) -> 
 
 def atomic_write_text(path: str | Path, text: str, force: bool = False) -> Path:
     """Write `text` to `path` through a temporary file and a rename; refuse to replace unless `force`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> Path:
+    """Write `data` to `path` through a temporary file and a rename; refuse to replace unless `force`.
+
+    A reader (or a run resumed after a crash) sees the old file or the new one, never a torn one.
+    """
     path = Path(path)
     check_output(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions

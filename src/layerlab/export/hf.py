@@ -77,12 +77,23 @@ def export_hf(model, tokenizer, plan: Plan, out: str | Path, force: bool = False
 
     `card(folder)` returns the README text; it is called once the weights are in the staging folder.
     """
-    new = materialize(model, plan)
+    return save_folder(materialize(model, plan), tokenizer, out, force, remote_code, card)
+
+
+def save_folder(model, tokenizer, out: str | Path, force: bool = False, remote_code: bool = False,
+                card: Callable[[Path], str] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a materialized model as a folder, atomically (shared by exports and healed models).
+
+    `extra(folder)` adds more files to the staging folder before the card is written.
+    """
+    text = model.config.get_text_config(decoder=True)
     with staged_folder(out, force) as staging:
-        new.save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if remote_code and not plan.whole_layers:
+        if remote_code and (getattr(text, "drop_attn_list", None) or getattr(text, "drop_mlp_list", None)):
             _write_remote_code(staging, model)
+        if extra is not None:
+            extra(staging)
         if card is not None:
             (staging / "README.md").write_text(card(staging), encoding="utf-8")
     return Path(out)
