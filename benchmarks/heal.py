@@ -52,11 +52,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=HealSettings.batch_size)
     parser.add_argument("--ppl-windows", type=int, default=20, help="Windows of 512 tokens per evaluation text.")
     parser.add_argument("--mc-items", type=int, default=200, help="HellaSwag rows.")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.data in EVAL_TEXTS:
         parser.error(f"--data {args.data} is an evaluation text; heal on another text")
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, device=args.device)
     n = model.config.num_hidden_layers
     plan = Plan.load(args.plan, n) if args.plan else bi_plan(model, tokenizer, args.remove)
     print(f"plan: {plan.to_text()} ({len(plan.steps)} of {n} layers)")

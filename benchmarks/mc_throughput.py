@@ -4,7 +4,7 @@ Both score the same HellaSwag rows (lm-eval through a local task definition over
 no hub) with the same loaded model. Printed: items/s of each, the throughput ratio, acc and acc_norm
 of each, and how many per-item predictions (acc and acc_norm) agree.
 
-    python benchmarks/mc_throughput.py [--model smollm2-135m] [--rows 1000] [--lm-eval-batch-size 1]
+    python benchmarks/mc_throughput.py [--model smollm2-135m] [--rows 1000] [--lm-eval-batch-size 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--data", default="hellaswag-2k")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--lm-eval-batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    model, tokenizer = layerlab.load(args.model)
+    model, tokenizer = layerlab.load(args.model, device=args.device)
     items = read_choices(args.data, args.rows)
 
     start = time.perf_counter()
@@ -60,7 +61,7 @@ def main() -> None:
     gap = max(abs(a - b) for ll, s in zip(lls, ours.scores, strict=True) for a, b in zip(ll, s.loglikelihoods,
                                                                                         strict=True))
     n = len(items)
-    print(f"{args.model} on the first {n} rows of {args.data}")
+    print(f"{args.model} on the first {n} rows of {args.data}, device {args.device}")
     print(f"  layerlab           acc {ours.acc:.4f}  acc_norm {ours.acc_norm:.4f}  {n / ours_seconds:.2f} items/s")
     print(f"  lm-eval hf (bs {args.lm_eval_batch_size})  acc {theirs['acc,none']:.4f}  "
           f"acc_norm {theirs['acc_norm,none']:.4f}  {n / theirs_seconds:.2f} items/s")

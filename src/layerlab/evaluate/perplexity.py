@@ -88,6 +88,7 @@ def calibration_windows(tokenizer, text: str, ctx: int, windows: int) -> list[Wi
     return chunks
 
 
+@torch.inference_mode()
 def window_nll(model, windows: list[Window], embeds: torch.Tensor | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and token count over windows of equal length, in one forward pass.
 
