@@ -4,7 +4,8 @@ Both score the same HellaSwag rows (lm-eval through a local task definition over
 no hub) with the same loaded model. Printed: items/s of each, the throughput ratio, acc and acc_norm
 of each, and how many per-item predictions (acc and acc_norm) agree.
 
-    python benchmarks/mc_throughput.py [--model smollm2-135m] [--rows 1000] [--lm-eval-batch-size 1] [--device cpu]
+    python benchmarks/mc_throughput.py [--model smollm2-135m] [--rows 1000] [--lm-eval-batch-size 1]
+                                       [--batch-size B] [--device cpu]
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ def main() -> None:
     parser.add_argument("--data", default="hellaswag-2k")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--lm-eval-batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="layerlab: whole sequences per forward pass (default: one item on its context cache)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     model, tokenizer = layerlab.load(args.model, device=args.device)
     items = read_choices(args.data, args.rows)
 
     start = time.perf_counter()
-    ours = multiple_choice(model, tokenizer, items)
+    ours = multiple_choice(model, tokenizer, items, batch_size=args.batch_size)
     ours_seconds = time.perf_counter() - start
     start = time.perf_counter()
     theirs, lls = lm_eval_scores(model, tokenizer, args.data, args.rows, args.lm_eval_batch_size)
@@ -62,7 +65,8 @@ def main() -> None:
                                                                                         strict=True))
     n = len(items)
     print(f"{args.model} on the first {n} rows of {args.data}, device {args.device}")
-    print(f"  layerlab           acc {ours.acc:.4f}  acc_norm {ours.acc_norm:.4f}  {n / ours_seconds:.2f} items/s")
+    print(f"  layerlab (bs {args.batch_size or 'item'})  acc {ours.acc:.4f}  acc_norm {ours.acc_norm:.4f}  "
+          f"{n / ours_seconds:.2f} items/s")
     print(f"  lm-eval hf (bs {args.lm_eval_batch_size})  acc {theirs['acc,none']:.4f}  "
           f"acc_norm {theirs['acc_norm,none']:.4f}  {n / theirs_seconds:.2f} items/s")
     print(f"  throughput ratio layerlab / lm-eval = {theirs_seconds / ours_seconds:.2f}  (must be >= 2)")

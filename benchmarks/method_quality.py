@@ -67,7 +67,7 @@ def evaluate(model, tokenizer, plan: Plan, texts: dict[str, str], items, args) -
         result = {name: perplexity(model, tokenizer, text, ctx=512, batch_size=args.batch_size,
                                    max_windows=args.ppl_windows or None, progress=False).perplexity
                   for name, text in texts.items()}
-        mc = multiple_choice(model, tokenizer, items, progress=False)
+        mc = multiple_choice(model, tokenizer, items, batch_size=args.mc_batch_size, progress=False)
     return result | {"acc": mc.acc, "acc_norm": mc.acc_norm}
 
 
@@ -83,7 +83,9 @@ def main() -> None:
     parser.add_argument("--eval-texts", default="wikitext2-test,pride-and-prejudice", type=lambda s: s.split(","))
     parser.add_argument("--ppl-windows", type=int, default=0, help="first N windows of each text; 0 = all")
     parser.add_argument("--mc-rows", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="perplexity windows per forward pass")
+    parser.add_argument("--mc-batch-size", type=int, default=None,
+                        help="HellaSwag sequences per forward pass (default: one item at a time on its context cache)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="method_quality.json")
     args = parser.parse_args()

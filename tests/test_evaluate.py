@@ -103,12 +103,13 @@ def reference_choice_loglikelihoods(model, tokenizer, item):
     return sums
 
 
+@pytest.mark.parametrize("batch_size", [None, 5])  # shared context cache / padded batches of whole sequences
 @pytest.mark.parametrize("arch, text", [("llama", "all"), ("gemma3", "0-3,2-5; attn-skip:1"), ("gpt2", "skip:2")])
-def test_multiple_choice_with_a_shared_context_cache_matches_full_sequences(arch, text):
+def test_multiple_choice_matches_full_sequences_one_at_a_time(arch, text, batch_size):
     model, tokenizer = tiny_model(arch), CharTokenizer()
     items = read_choices("hellaswag-2k", limit=6) + [Choice("Trailing space ", ("a", "bb b"), 1)]
     with apply_plan(model, Plan.parse(text, 6)):
-        result = multiple_choice(model, tokenizer, items, progress=False)
+        result = multiple_choice(model, tokenizer, items, batch_size=batch_size, progress=False)
         for item, score in zip(items, result.scores, strict=True):
             expected = reference_choice_loglikelihoods(model, tokenizer, item)
             assert score.loglikelihoods == pytest.approx(expected, abs=1e-4)

@@ -4,8 +4,12 @@ Each ending is scored as the summed log-probability of `" " + ending` after the 
 lm-eval's `_encode_pair` does (context and context+continuation encoded, the continuation being the
 tail of the whole encoding). `acc` picks the ending with the highest sum; `acc_norm` divides each sum
 by the ending's length in characters first (`len(choice)` in lm-eval; equal to the byte length for
-ASCII text). Unlike lm-eval, the context runs once per item and its KV cache serves all endings,
-which run together as one batch.
+ASCII text). Two ways to run, with the same numbers:
+- `batch_size=None` (default, best on CPU): the context runs once per item and its KV cache serves
+  all endings, which run together as one batch -- no token is computed twice.
+- `batch_size=B` (best on accelerators, where one call costs about as much as a few): whole
+  context+ending sequences of many items run B at a time, right-padded (causal attention never
+  looks at the padding), longest first.
 """
 
 from __future__ import annotations
@@ -75,19 +79,49 @@ def score_item(model, tokenizer, item: Choice, add_special_tokens: bool) -> Item
     for row, (_, cont) in enumerate(pairs):
         total = first[cont[0]] + logprobs[row, torch.arange(len(cont) - 1), cont[1:]].sum()
         sums.append(float(total))
+    return _item_score(item, sums)
+
+
+def _item_score(item: Choice, sums: list[float]) -> ItemScore:
     norm = [s / len(ending) for s, ending in zip(sums, item.endings, strict=True)]
     return ItemScore(tuple(sums), _argmax(sums), _argmax(norm), item.label)
 
 
-def multiple_choice(model, tokenizer, items: list[Choice], progress: bool = True) -> ChoiceResult:
+@torch.inference_mode()
+def score_batched(model, tokenizer, items: list[Choice], batch_size: int, add_special_tokens: bool,
+                  progress: bool = True) -> list[ItemScore]:
+    """Every (context, ending) sequence scored whole, `batch_size` sequences per forward pass."""
+    requests = [(i, j, *encode_pair(tokenizer, item.query, " " + ending, add_special_tokens))
+                for i, item in enumerate(items) for j, ending in enumerate(item.endings)]
+    requests.sort(key=lambda r: -(len(r[2]) + len(r[3])))
+    sums = [[0.0] * len(item.endings) for item in items]
+    for start in tqdm(range(0, len(requests), batch_size), desc="multiple choice", unit="batch",
+                      disable=not progress, leave=False):
+        batch = requests[start:start + batch_size]
+        width = len(batch[0][2]) + len(batch[0][3])
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=model.device)
+        mask = torch.zeros_like(ids)
+        for row, (_, _, context, cont) in enumerate(batch):
+            ids[row, : len(context) + len(cont)] = torch.tensor(context + cont)
+            mask[row, : len(context) + len(cont)] = 1
+        logprobs = F.log_softmax(model(ids, attention_mask=mask, use_cache=False).logits.float(), dim=-1)
+        for row, (i, j, context, cont) in enumerate(batch):
+            positions = torch.arange(len(context) - 1, len(context) + len(cont) - 1, device=model.device)
+            sums[i][j] = float(logprobs[row, positions, torch.tensor(cont, device=model.device)].sum())
+    return [_item_score(item, item_sums) for item, item_sums in zip(items, sums, strict=True)]
+
+
+def multiple_choice(model, tokenizer, items: list[Choice], batch_size: int | None = None,
+                    progress: bool = True) -> ChoiceResult:
     """acc and acc_norm over `items` under `model` as it is now (apply a plan around the call)."""
     if not items:
         raise ValueError("no multiple-choice items to score")
     add_special = bos_id(tokenizer) is not None
-    scores = [
-        score_item(model, tokenizer, item, add_special)
-        for item in tqdm(items, desc="multiple choice", unit="item", disable=not progress, leave=False)
-    ]
+    if batch_size:
+        scores = score_batched(model, tokenizer, items, batch_size, add_special, progress)
+    else:
+        scores = [score_item(model, tokenizer, item, add_special)
+                  for item in tqdm(items, desc="multiple choice", unit="item", disable=not progress, leave=False)]
     acc = sum(s.prediction == s.label for s in scores) / len(scores)
     acc_norm = sum(s.prediction_norm == s.label for s in scores) / len(scores)
     return ChoiceResult(acc, acc_norm, len(scores), scores)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,8 @@ def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int =
     plan = plan or Plan.identity(n_layers)
     chunks = calibration_windows(tokenizer, text, ctx, windows)
     steps = len(plan.steps)
-    sums = {"bi": torch.zeros(steps, dtype=torch.float64), "attn": torch.zeros(steps, dtype=torch.float64),
-            "mlp": torch.zeros(steps, dtype=torch.float64),
-            "angular": torch.zeros(steps + 1, steps + 1, dtype=torch.float64)}
+    zeros = partial(torch.zeros, dtype=torch.float64, device=model.device)
+    sums = {"bi": zeros(steps), "attn": zeros(steps), "mlp": zeros(steps), "angular": zeros(steps + 1, steps + 1)}
     count = 0
     with apply_plan(model, plan):
         recorder = _Recorder(model)
