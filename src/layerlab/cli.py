@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from .errors import LayerlabError
 from .heal import HealSettings
-from .plan import Plan
+from .plan import Plan, unique_plans
 
 console = Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole tables
 
@@ -56,7 +57,7 @@ def generate(source, plans, prompts, max_new_tokens, sample, seed, dtype, device
     from .models import layer_count, load
 
     n = layer_count(source)
-    parsed = _unique([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
     model, tokenizer = load(source, dtype=dtype, device=device)
     rows = generate_table(model, tokenizer, list(prompts), parsed, max_new_tokens=max_new_tokens,
                           do_sample=sample, seed=seed)
@@ -99,7 +100,7 @@ def eval_command(source, plans, tasks, ppl_text, ctx, stride, ppl_windows, batch
     from .models import layer_count, load
 
     n = layer_count(source)
-    parsed = _unique([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
     settings = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=ppl_windows or None,
                             batch_size=batch_size, mc_data=mc_data, mc_items=mc_items or None,
                             prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
@@ -352,6 +353,73 @@ def _maybe(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+@cli.command()
+@model_option()
+@click.option("--drop", help="Share of layers (or halves) to remove, e.g. 20% or 0.2 (the default is 20%).")
+@click.option("--layers", "-r", type=click.IntRange(1), help="Number of layers (or halves) to remove instead.")
+@click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
+              help="Remove until the parameters the plan runs shrink by this factor, instead.")
+@click.option("--granularity", type=click.Choice(["layer", "attn", "mlp", "sublayer"]), default="layer",
+              show_default=True)
+@click.option("--calibration", default="wikitext2-valid", show_default=True, help="Text for scoring and search.")
+@click.option("--windows", default=4, show_default=True, type=click.IntRange(1), help="Calibration windows.")
+@click.option("--ctx", default=256, show_default=True, type=click.IntRange(2), help="Calibration window tokens.")
+@click.option("--keep", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Greedy: share of candidates kept for the next round.")
+@click.option("--ppl-windows", default=8, show_default=True, type=click.IntRange(1),
+              help="Evaluation: windows of 512 tokens of wikitext2-test.")
+@click.option("--mc-items", default=50, show_default=True, type=click.IntRange(1), help="Evaluation: HellaSwag rows.")
+@click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
+@click.option("--heal-steps", type=click.IntRange(1), help="Healing steps (default: layerlab heal's).")
+@click.option("--export/--no-export", default=True, show_default=True, help="Write the smaller model to OUT/model.")
+@click.option("--out", "-o", default="layerlab-prune", show_default=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--force", is_flag=True, help="Start over in a non-empty --out.")
+def prune(source, drop, layers, target_speedup, granularity, calibration, windows, ctx, keep, ppl_windows, mc_items,
+          heal, heal_steps, export, out, resume, force) -> None:
+    """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
+    from dataclasses import replace
+
+    from .evaluate.compare import EvalSettings
+    from .heal import HealSettings
+    from .models import load
+    from .prune import QUICK_EVAL, PruneSettings
+    from .prune import prune as run_prune
+
+    if sum(x is not None for x in (drop, layers, target_speedup)) > 1:
+        raise click.UsageError("give at most one of --drop, --layers or --target-speedup")
+    if resume and force:
+        raise click.UsageError("--resume continues a run and --force starts over; give one")
+    evaluation: EvalSettings = replace(QUICK_EVAL, ppl_windows=ppl_windows, mc_items=mc_items)
+    healing = HealSettings() if heal_steps is None else HealSettings(steps=heal_steps)
+    settings = PruneSettings(drop=_share(drop) if layers is None and target_speedup is None else None, layers=layers,
+                             target_speedup=target_speedup, granularity=granularity, calibration=calibration,
+                             calib_ctx=ctx, calib_windows=windows, keep=keep, evaluation=evaluation, heal=heal,
+                             heal_settings=healing, export=export)
+    model, tokenizer = load(source)
+    data = run_prune(model, tokenizer, source, out, settings, resume=resume, force=force)
+    rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
+    console.print(_results_table({"rows": rows}))
+    console.print(f"plan: {data['plan']}   (best one-shot: {data['best_one_shot']['plan']}, "
+                  f"{data['best_one_shot']['method']})")
+    if data["exported"]:
+        console.print(f"smaller model: {data['exported']}")
+    console.print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")
+
+
+def _share(text: str | None) -> float:
+    """`20%` or `0.2` as a share; the default 20 %."""
+    if text is None:
+        return 0.2
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a share; write it like 20% or 0.2", param_hint="--drop") from None
+    if not 0 < value < 1:
+        raise click.BadParameter(f"{text!r} must be between 0 and 100 %", param_hint="--drop")
+    return value
+
+
 @cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                          "help_option_names": []})
 @click.pass_context
@@ -441,13 +509,6 @@ def _print_plan_table(parsed: Plan) -> None:
     console.print(f"{len(parsed.steps)} steps over {parsed.num_layers} layers; "
                   f"dropped: {','.join(map(str, dropped)) or 'none'}")
 
-
-def _unique(plans: list[Plan]) -> list[Plan]:
-    seen: list[Plan] = []
-    for p in plans:
-        if p not in seen:
-            seen.append(p)
-    return seen
 
 
 def main() -> None:

@@ -380,3 +380,12 @@ def _format_sequence(steps: tuple[Step, ...], with_suffix: bool) -> str:
         item += "" if kind == "full" else f".{kind}"
         out.append(item)
     return ",".join(out)
+
+
+def unique_plans(plans: list[Plan]) -> list[Plan]:
+    """`plans` without repeats, first occurrence kept (a baseline row is never shown twice)."""
+    seen: list[Plan] = []
+    for plan in plans:
+        if plan not in seen:
+            seen.append(plan)
+    return seen

@@ -45,3 +45,39 @@ def angular_heatmap(result: Similarity, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def perplexity_vs_removed(trace: list[dict], baseline: float, path: str | Path) -> Path:
+    """Calibration perplexity after each greedy round: where quality starts to fall off a cliff."""
+    removed = [0] + [t["round"] for t in trace]
+    values = [baseline] + [t["perplexity"] for t in trace]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(removed, values, marker="o", color="#4477aa")
+    for x, t in zip(removed[1:], trace, strict=True):
+        ax.annotate(t["removed"], (x, t["perplexity"]), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                    ha="center")
+    ax.set_xlabel("units removed (greedy order)")
+    ax.set_ylabel("calibration perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def speed_vs_quality(points: list[dict], path: str | Path) -> Path:
+    """Every candidate plan tried: parameter-byte speedup against calibration perplexity, by method."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for source in dict.fromkeys(p["source"] for p in points):
+        mine = [p for p in points if p["source"] == source]
+        ax.scatter([p["speedup"] for p in mine], [p["perplexity"] for p in mine], label=source, s=24)
+    ax.set_xlabel("parameter bytes, full / plan (≈ decode speedup)")
+    ax.set_ylabel("calibration perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

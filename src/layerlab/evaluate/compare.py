@@ -56,11 +56,11 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], tasks: tuple[str, ...], 
                                settings.speed_prompt_tokens, settings.speed_decode_tokens, settings.speed_rounds)
         for row, speed in zip(rows, speeds, strict=True):
             row["speed"] = speed.to_dict()
-    _add_deltas(rows)
+    add_deltas(rows)
     return {"settings": settings.__dict__ | {"prompts": list(settings.prompts)}, "tasks": list(tasks), "rows": rows}
 
 
-def _add_deltas(rows: list[dict]) -> None:
+def add_deltas(rows: list[dict]) -> None:
     """Differences against the first row (the baseline)."""
     base = rows[0]
     for row in rows:

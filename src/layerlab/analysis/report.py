@@ -1,0 +1,108 @@
+"""The main job's report: one self-contained HTML file (images embedded) and the same numbers as JSON.
+
+Sections: the chosen plan; the evaluation table (baseline, chosen plan, best one-shot plan, healed
+model if asked); sample generations; the plots (importance bars, angular-distance heatmap, perplexity
+versus layers removed, speed versus quality of every candidate tried, attention spectra); the greedy
+search trace and the one-shot candidates.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import tempfile
+from pathlib import Path
+
+from ..io import atomic_write_text
+from ..metrics.similarity import Similarity
+from . import plots
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4;padding:1px 4px}
+figure{display:inline-block;margin:0.5em;vertical-align:top}figcaption{font-size:13px;color:#555}
+img{max-width:520px;border:1px solid #ddd}.sample{white-space:pre-wrap;background:#f8f8f8;padding:6px;margin:4px 0}"""
+
+
+def figures(model, tokenizer, data: dict, scores: Similarity, folder: Path) -> dict[str, Path]:
+    """The report's plots as PNG files in `folder`, by caption."""
+    baseline = data["search"]["trace"][0].get("previous_perplexity") if data["search"]["trace"] else None
+    out = {
+        "Importance of each layer (Block Influence, attention and MLP 1 - cos)":
+            plots.importance_bars(scores, folder / "importance.png"),
+        "Angular distance between layer l's input and the output n layers later":
+            plots.angular_heatmap(scores, folder / "angular.png"),
+        "Speed versus quality of every candidate plan tried": plots.speed_vs_quality(data["candidates"],
+                                                                                    folder / "candidates.png"),
+    }
+    if baseline is not None:
+        out["Calibration perplexity versus units removed (greedy)"] = plots.perplexity_vs_removed(
+            data["search"]["trace"], baseline, folder / "perplexity.png")
+    return out
+
+
+def write_report(model, tokenizer, data: dict, scores: Similarity, out: str | Path) -> Path:
+    """Write `out/report.html` and `out/report.json`; returns the HTML path."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as temporary:
+        images = {caption: _data_uri(path) for caption, path in figures(model, tokenizer, data, scores,
+                                                                         Path(temporary)).items()}
+    atomic_write_text(out / "report.json", json.dumps(data, indent=1), force=True)
+    return atomic_write_text(out / "report.html", render(data, images), force=True)
+
+
+def render(data: dict, images: dict[str, str]) -> str:
+    """The HTML text of the report."""
+    rows = data["evaluation"]["rows"] + ([data["healed"]] if data.get("healed") else [])
+    parts = [
+        f"<h1>layerlab prune: {_e(data['model'])}</h1>",
+        f"<p>Chosen plan <code>{_e(data['plan'])}</code> (removed, in greedy order: "
+        f"{_e(', '.join(data['removed']))}); best one-shot plan <code>{_e(data['best_one_shot']['plan'])}</code> "
+        f"({_e(data['best_one_shot']['method'])}).</p>",
+        "<h2>Evaluation</h2>", _table(["plan", "steps", "ppl", "Δppl", "acc", "acc_norm", "decode tok/s",
+                                       "decode ×", "params MB"], [_eval_cells(r) for r in rows]),
+        f"<p>Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; multiple choice on "
+        f"{_e(data['settings']['evaluation']['mc_data'])}. Exported model: "
+        f"<code>{_e(data['exported'] or '-')}</code></p>",
+        "<h2>Sample generations</h2>", *(_samples(r) for r in rows),
+        "<h2>Plots</h2>", *(f'<figure><img src="{uri}" alt="{_e(c)}"><figcaption>{_e(c)}</figcaption></figure>'
+                            for c, uri in images.items()),
+        "<h2>Greedy search</h2>", _table(["round", "removed", "calibration ppl", "candidates", "aborted"],
+                                         [[t["round"], t["removed"], f"{t['perplexity']:.3f}", t["candidates"],
+                                           t["aborted"]] for t in data["search"]["trace"]]),
+        "<h2>One-shot candidates</h2>", _table(["method", "plan", "calibration ppl"],
+                                               [[c["method"], c["plan"], f"{c['perplexity']:.3f}"]
+                                                for c in data["one_shot"]]),
+    ]
+    body = "\n".join(parts)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>layerlab report</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def _eval_cells(row: dict) -> list:
+    speed, delta = row.get("speed"), row.get("delta", {})
+    return [row["plan"], row.get("steps", "-"), f"{row['ppl']['perplexity']:.2f}",
+            f"{delta['ppl_pct']:+.1f}%" if "ppl_pct" in delta else "-", f"{row['mc']['acc']:.3f}",
+            f"{row['mc']['acc_norm']:.3f}", f"{speed['decode_tokens_per_s']:.1f}" if speed else "-",
+            f"{delta['decode_speedup']:.2f}" if "decode_speedup" in delta else "-",
+            f"{speed['parameter_bytes'] / 2**20:.0f}" if speed else "-"]
+
+
+def _samples(row: dict) -> str:
+    return "".join(f"<p><code>{_e(row['plan'])}</code></p><div class='sample'><b>{_e(s['prompt'])}</b>"
+                   f"{_e(s['text'])}</div>" for s in row.get("samples", []))
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _e(value) -> str:
+    return html.escape(str(value))

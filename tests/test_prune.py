@@ -1,0 +1,102 @@
+"""The main job on a tiny model: search, evaluation, export and report; resume; the report in a browser."""
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import layerlab
+from layerlab import Plan, apply_plan
+from layerlab.prune import QUICK_EVAL, PruneSettings, prune
+
+SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
+                         evaluation=replace(QUICK_EVAL, ppl_windows=2, mc_items=4, max_new_tokens=4, speed_rounds=1,
+                                            speed_prompt_tokens=16, speed_decode_tokens=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_tokenizer):
+    """A random 6-layer Llama with SmolLM2's tokenizer, saved as a model folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path_factory.mktemp("tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def job(tiny_folder, tmp_path_factory):
+    model, tokenizer = layerlab.load(str(tiny_folder))
+    out = tmp_path_factory.mktemp("job") / "out"
+    return model, tokenizer, out, prune(model, tokenizer, str(tiny_folder), out, SETTINGS, progress=False)
+
+
+def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(job):
+    model, _, out, data = job
+    plan = Plan.parse(data["plan"], 6)
+    assert len(plan.steps) == 4 and len(data["removed"]) == 2
+    rows = data["evaluation"]["rows"]
+    assert rows[0]["plan"] == "all" and rows[1]["plan"] == data["plan"]
+    assert {r["plan"] for r in rows} >= {data["best_one_shot"]["plan"]}
+    assert data["best_one_shot"]["perplexity"] == min(c["perplexity"] for c in data["one_shot"])
+    assert json.loads((out / "report.json").read_text())["plan"] == data["plan"]
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad(), apply_plan(model, plan):
+        assert (exported(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    html = (out / "report.html").read_text()
+    assert html.count("<img src=\"data:image/png;base64,") == 4 and html.count("<table>") == 3
+
+
+def test_a_resumed_job_reuses_every_finished_step(job):
+    model, tokenizer, out, data = job
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("search.json", "eval.json")}
+    again = prune(model, tokenizer, data["model"], out, SETTINGS, resume=True, progress=False)
+    assert again["plan"] == data["plan"] and again["evaluation"] == data["evaluation"]
+    assert stamps == {name: (out / name).stat().st_mtime_ns for name in stamps}
+
+
+def test_cli_refuses_a_second_run_into_the_same_folder_and_bad_shares(job, tiny_folder):
+    out = job[2]
+    for args, needle in ([["--out", str(out)], "--resume"], [["--drop", "150%", "--out", str(out) + "x"], "between"]):
+        result = subprocess.run([sys.executable, "-m", "layerlab.cli", "prune", "--model", str(tiny_folder), *args],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def chromium_driver():
+    """Headless Chromium through Selenium; installs the Debian packages when missing and allowed."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make test installs it)")
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        installed = subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
+                                   capture_output=True, text=True) if shutil.which("apt-get") else None
+        if installed is None or installed.returncode != 0:
+            pytest.skip("headless Chromium is missing and could not be installed: apt-get install chromium "
+                        "chromium-driver (as root)")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,2000"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+
+
+def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path):
+    out = job[2]
+    driver = chromium_driver()
+    try:
+        driver.get((out / "report.html").as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        tables = driver.execute_script("return document.querySelectorAll('table tbody tr').length")
+        assert len(images) == 4 and all(images)
+        assert tables >= 3 + 2 + 2  # evaluation rows, greedy rounds, one-shot candidates
+        assert driver.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        driver.quit()
