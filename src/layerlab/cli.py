@@ -237,7 +237,7 @@ def analyze(source, plans, prompt, out, force, max_heads, top_k) -> None:
                           top_k=top_k, force=force)
     for entry in results["plans"]:
         table = Table("step", f"top {top_k} next tokens after the step (probability)",
-                      title=f"logit lens of {entry['name']} on {prompt!r}")
+                      title=escape(f"logit lens of {entry['name']} on {prompt!r}"))
         for row in entry["logit_lens"]:
             cells = (f"{t!r} {p:.2f}" for t, p in zip(row["tokens"], row["probs"], strict=True))
             table.add_row(row["step"], escape("  ".join(cells)))
