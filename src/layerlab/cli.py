@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LayerlabError
@@ -210,6 +211,41 @@ def score(source, plan_text, text, ctx, windows, tokens, ppl_delta, out, force) 
         importance_bars(result, staging / "importance.png")
         angular_heatmap(result, staging / "angular.png")
     console.print(f"scores.json, importance.png and angular.png written to {out}")
+
+
+@cli.command()
+@model_option()
+@click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is always analysed first.")
+@click.option("--prompt", default="The capital of France is", show_default=True, help="Text the model reads.")
+@click.option("--out", "-o", default="layerlab-analysis", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the PNGs and analysis.json.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--max-heads", default=8, show_default=True, type=click.IntRange(1), help="Heads drawn per step.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Logit-lens tokens per step.")
+def analyze(source, plans, prompt, out, force, max_heads, top_k) -> None:
+    """Look inside plans: attention maps and their spectra, hidden-state cosine, logit lens."""
+    from .analysis.analyze import analyze as run_analyze
+    from .io import check_output
+    from .models import layer_count, load
+
+    check_output(out, folder=True, force=force)
+    if not prompt.strip():
+        raise click.UsageError("--prompt is empty")
+    n = layer_count(source)
+    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    model, tokenizer = load(source)
+    results = run_analyze(model, tokenizer, {p.to_text(): p for p in parsed}, prompt, out, max_heads=max_heads,
+                          top_k=top_k, force=force)
+    for entry in results["plans"]:
+        table = Table("step", f"top {top_k} next tokens after the step (probability)",
+                      title=escape(f"logit lens of {entry['name']} on {prompt!r}"))
+        for row in entry["logit_lens"]:
+            cells = (f"{t!r} {p:.2f}" for t, p in zip(row["tokens"], row["probs"], strict=True))
+            table.add_row(row["step"], escape("  ".join(cells)))
+        console.print(table)
+    numbered = ", ".join(f"{i} = {entry['name']}" for i, entry in enumerate(results["plans"]))
+    console.print(f"analysis.json, spectrum_summary.png and attention_/spectrum_/cosine_<i>.png ({numbered}) "
+                  f"written to {out}", markup=False)
 
 
 @cli.command()

@@ -1,1 +1,1 @@
-"""Looking inside: plots of importance scores and layer similarity."""
+"""Looking inside: attention maps and spectra, the logit lens, hidden-state cosine, and their plots."""

@@ -53,6 +53,12 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
+def _pairwise_cosine(states: torch.Tensor) -> torch.Tensor:
+    """cos(x^i_t, x^j_t) for every pair of streams i, j and token t: (S, T, d) -> (S, S, T)."""
+    unit = F.normalize(states.double(), dim=-1)
+    return torch.einsum("itd,jtd->ijt", unit, unit).clamp(-1, 1)
+
+
 class _Recorder:
     """Forward hooks that keep each step's residual stream at its three points."""
 
@@ -88,6 +94,11 @@ class _Recorder:
             self.h_out[index] = (output[0] if isinstance(output, tuple) else output).detach()
         return hook
 
+    def streams(self) -> torch.Tensor:
+        """The first sequence's residual streams x^0 .. x^L, (steps + 1, T, d): each step's input, then the
+        last step's output."""
+        return torch.stack([h[0] for h in self.h_in] + [self.h_out[-1][0]])
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -121,7 +132,7 @@ def _accumulate(sums: dict, recorder: _Recorder, plan: Plan, tokens: str) -> int
     """Add one window's per-token cosines; return how many tokens it contributed."""
     h_in = [h[0] for h in recorder.h_in]
     h_out = [h[0] for h in recorder.h_out]
-    states = torch.stack(h_in + [h_out[-1]])  # (steps + 1, T, d): x^0 .. x^L
+    states = recorder.streams()
     for i, step in enumerate(plan.steps):
         sums["bi"][i] += _cosine(h_in[i], h_out[i]).sum()
         mid = recorder.h_mid[i][0] if step.mlp and step.attention else (h_out[i] if step.attention else h_in[i])
@@ -129,9 +140,7 @@ def _accumulate(sums: dict, recorder: _Recorder, plan: Plan, tokens: str) -> int
             sums["attn"][i] += _cosine(h_in[i], mid).sum()
         if step.mlp:
             sums["mlp"][i] += _cosine(mid, h_out[i]).sum()
-    picked = states[:, -1:] if tokens == "last" else states
-    unit = F.normalize(picked.double(), dim=-1)
-    cos = torch.einsum("itd,jtd->ijt", unit, unit).clamp(-1, 1)
+    cos = _pairwise_cosine(states[:, -1:] if tokens == "last" else states)
     sums["angular"] += torch.arccos(cos).sum(-1) / math.pi
     return states.shape[1]
 
@@ -150,3 +159,27 @@ def _finish(sums: dict, count: int, plan: Plan, count_last: int | None) -> Simil
         angular=angular,
         tokens=count,
     )
+
+
+@torch.inference_mode()
+def hidden_cosine(model, tokenizer, text: str, plan: Plan | None = None) -> torch.Tensor:
+    """Layer-by-layer similarity of the residual stream for one text: (steps + 1, steps + 1), float64.
+
+    Entry (i, j) is the mean over tokens of cos(x^i_t, x^j_t), where x^0 is the stream entering step 0
+    and x^L the output of the last step: the cosine form of the matrix behind Gromov et al.'s angular
+    distance (their fig. 1), on every token of `text` in one sequence.
+    """
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+    return _pairwise_cosine(record_streams(model, ids, plan).streams()).mean(-1).cpu()
+
+
+@torch.inference_mode()
+def record_streams(model, ids: torch.Tensor, plan: Plan | None = None) -> _Recorder:
+    """One forward pass of `ids` under `plan` (identity by default); the recorder holds each step's streams."""
+    with apply_plan(model, plan or Plan.identity(len(decoder_layers(model)))):
+        recorder = _Recorder(model)
+        try:
+            model(ids, use_cache=False)
+        finally:
+            recorder.remove()
+    return recorder
