@@ -52,7 +52,7 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     with torch.no_grad(), apply_plan(model, plan):
         assert (exported(ids).logits - model(ids).logits).abs().max() <= 1e-4
     html = (out / "report.html").read_text()
-    assert html.count("<img src=\"data:image/png;base64,") == 4 and html.count("<table>") == 3
+    assert html.count("<img src=\"data:image/png;base64,") == 6 and html.count("<table>") == 3
 
 
 def test_a_resumed_job_reuses_every_finished_step(job):
@@ -95,7 +95,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path
         images = driver.execute_script(
             "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
         tables = driver.execute_script("return document.querySelectorAll('table tbody tr').length")
-        assert len(images) == 4 and all(images)
+        assert len(images) == 6 and all(images)
         assert tables >= 3 + 2 + 2  # evaluation rows, greedy rounds, one-shot candidates
         assert driver.save_screenshot(str(tmp_path / "report.png"))
     finally:

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from ..metrics.similarity import Similarity
+from ..plan import Plan
 from . import plots
+from .attention import attention_maps, spectrum_summary
+
+SPECTRUM_PROMPT = ("The old lighthouse keeper climbed the stairs every evening, lit the lamp, and watched the ships "
+                   "pass safely through the narrow channel below.")
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -39,7 +44,20 @@ def figures(model, tokenizer, data: dict, scores: Similarity, folder: Path) -> d
     if baseline is not None:
         out["Calibration perplexity versus units removed (greedy)"] = plots.perplexity_vs_removed(
             data["search"]["trace"], baseline, folder / "perplexity.png")
-    return out
+    return out | attention_figures(model, tokenizer, data, folder)
+
+
+def attention_figures(model, tokenizer, data: dict, folder: Path) -> dict[str, Path]:
+    """Attention spectra: the high-frequency share per step for each evaluated plan, and the chosen plan's grid."""
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    plans = [row["plan"] for row in data["evaluation"]["rows"]]
+    maps = {text: attention_maps(model, tokenizer, SPECTRUM_PROMPT, Plan.parse(text, n_layers)) for text in plans}
+    return {
+        "High-frequency share of the attention spectra per step (Fourier transform of each attention map)":
+            plots.spectrum_summary_chart({t: spectrum_summary(m) for t, m in maps.items()}, folder / "spectra.png"),
+        f"Attention spectra of the chosen plan {data['plan']} (first 4 heads)":
+            plots.spectrum_grid(maps[data["plan"]], folder / "spectrum_grid.png", max_heads=4),
+    }
 
 
 def write_report(model, tokenizer, data: dict, scores: Similarity, out: str | Path) -> Path:
