@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,44 +86,41 @@ class LossEvaluator:
         """Run the current plan once, keep the stream entering each step, return its loss."""
         self._prefix = []
         total = 0.0
-        for window in self.windows:
-            states: list[torch.Tensor] = []
 
-            def keep(module, args, kwargs, states=states):
-                states.append(args[0] if args else kwargs["hidden_states"])
+        def keep(module, args, kwargs):
+            self._prefix[-1].append(args[0] if args else kwargs["hidden_states"])
 
-            with apply_plan(self.model, plan):
-                handles = [step.register_forward_pre_hook(keep, with_kwargs=True)
-                           for step in decoder_layers(self.model)]
-                try:
+        with apply_plan(self.model, plan):
+            handles = [step.register_forward_pre_hook(keep, with_kwargs=True) for step in decoder_layers(self.model)]
+            try:
+                for window in self.windows:
+                    self._prefix.append([])
                     total += window_nll(self.model, [window])[0]
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            self._prefix.append(states)
-            self.layer_forwards += len(plan.steps)
+                    self.layer_forwards += len(plan.steps)
+            finally:
+                for handle in handles:
+                    handle.remove()
         return total
 
     @torch.inference_mode()
     def loss(self, candidate: Candidate, abort_above: float = math.inf) -> float:
         """The candidate's summed NLL, or `inf` once it provably exceeds `abort_above`."""
         suffix = candidate.plan.steps[candidate.first_change:]
+        head_only = self.reuse and self._prefix and not suffix  # the last step removed: only the head runs
         from_prefix = self.reuse and self._prefix and any(s.attention for s in suffix)
+        runs = Plan(suffix, candidate.plan.num_layers) if from_prefix else candidate.plan
         total = 0.0
-        for index, window in enumerate(self.windows):
-            if self.reuse and self._prefix and not suffix:  # the last step removed: only the head runs
-                stream = self._prefix[index][-1][:, window.score_from - 1:-1]
-                total += logits_nll(head_logits(self.model, stream), [window], window.score_from)[0]
-            elif from_prefix:
-                with apply_plan(self.model, Plan(suffix, candidate.plan.num_layers)):
-                    total += window_nll(self.model, [window], self._prefix[index][candidate.first_change])[0]
-                self.layer_forwards += len(suffix)
-            else:
-                with apply_plan(self.model, candidate.plan):
-                    total += window_nll(self.model, [window])[0]
-                self.layer_forwards += len(candidate.plan.steps)
-            if self.abort and total > abort_above:
-                return math.inf
+        with nullcontext() if head_only else apply_plan(self.model, runs):  # once per candidate, not per window
+            for index, window in enumerate(self.windows):
+                if head_only:
+                    stream = self._prefix[index][-1][:, window.score_from - 1:-1]
+                    total += logits_nll(head_logits(self.model, stream), [window], window.score_from)[0]
+                else:
+                    embeds = self._prefix[index][candidate.first_change] if from_prefix else None
+                    total += window_nll(self.model, [window], embeds)[0]
+                    self.layer_forwards += len(runs.steps)
+                if self.abort and total > abort_above:
+                    return math.inf
         return total
 
 
