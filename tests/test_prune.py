@@ -71,32 +71,23 @@ def test_cli_refuses_a_second_run_into_the_same_folder_and_bad_shares(job, tiny_
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
 
-def chromium_driver():
-    """Headless Chromium through Selenium; installs the Debian packages when missing and allowed."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make test installs it)")
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        installed = subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
-                                   capture_output=True, text=True) if shutil.which("apt-get") else None
-        if installed is None or installed.returncode != 0:
-            pytest.skip("headless Chromium is missing and could not be installed: apt-get install chromium "
-                        "chromium-driver (as root)")
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,2000"):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium")
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+def ensure_chromium() -> None:
+    """Install Debian's Chromium and its driver when missing and allowed; skip with the reason otherwise."""
+    pytest.importorskip("selenium", reason="selenium is not installed (make test installs it)")
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    installed = subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
+                               capture_output=True, text=True) if shutil.which("apt-get") else None
+    if installed is None or installed.returncode != 0:
+        pytest.skip("headless Chromium is missing and could not be installed: apt-get install chromium "
+                    "chromium-driver (as root)")
 
 
 def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path):
-    out = job[2]
-    driver = chromium_driver()
-    try:
-        driver.get((out / "report.html").as_uri())
-        images = driver.execute_script(
-            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
-        tables = driver.execute_script("return document.querySelectorAll('table tbody tr').length")
-        assert len(images) == 6 and all(images)
-        assert tables >= 3 + 2 + 2  # evaluation rows, greedy rounds, one-shot candidates
-        assert driver.save_screenshot(str(tmp_path / "report.png"))
-    finally:
-        driver.quit()
+    from layerlab.analysis.browser import inspect_report
+
+    ensure_chromium()
+    seen = inspect_report(job[2] / "report.html", tmp_path / "report.png")
+    assert len(seen["images"]) == 6 and all(seen["images"])
+    assert seen["table_rows"] >= 3 + 2 + 2  # evaluation rows, greedy rounds, one-shot candidates
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
