@@ -1,0 +1,107 @@
+"""Self-speculative decoding on tiny random models, checked against plain decoding of the full model."""
+
+import pytest
+import torch
+from reference import greedy_without_cache
+from tiny import tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from layerlab import Plan, apply_plan
+from layerlab.arch import decoder_layers
+from layerlab.speculative import SpeculativeSettings, speculative_generate
+
+PROMPTS = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 6, 11)]
+FIXED = SpeculativeSettings(max_draft=4, min_confidence=0, min_ratio=0)  # always 4 drafts: most rejections
+NEW = 20
+CHI2_9DOF_999 = 27.88  # 0.999 quantile of chi-square with 9 degrees of freedom
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3", "gemma3"])
+def model_and_references(request):
+    model = tiny_model(request.param)
+    return model, [greedy_without_cache(model, prompt, NEW) for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("text", ["skip:2-3", "attn-skip:1,4; mlp-skip:2,5", "mlp-skip:0-5", "5"])
+def test_greedy_output_is_the_full_models_greedy_output(model_and_references, text):
+    model, references = model_and_references
+    for prompt, reference in zip(PROMPTS, references, strict=True):
+        result = speculative_generate(model, prompt, Plan.parse(text, 6), NEW, FIXED)
+        assert torch.equal(result.ids, reference)
+
+
+def test_a_plan_that_accepts_almost_nothing_still_gives_the_full_output():
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(100)  # layer 0 dominates: skipping it changes every token
+    result = speculative_generate(model, PROMPTS[2], Plan.parse("skip:0", 6), 32, FIXED)
+    assert result.stats.acceptance_rate < 0.05
+    assert torch.equal(result.ids, greedy_without_cache(model, PROMPTS[2], 32))
+
+
+def test_the_full_plan_as_draft_is_always_accepted():
+    model = tiny_model("qwen2")
+    stats = speculative_generate(model, PROMPTS[1], Plan.identity(6), 21, FIXED).stats
+    assert stats.acceptance_rate == 1.0
+    assert stats.tokens_per_verification == 5.0  # 4 drafts and the full model's next token
+
+
+def test_accepted_tokens_are_never_recomputed():
+    """The full model sees the prompt once, then each position once, except positions of rejected drafts."""
+    model = tiny_model("llama")
+    seen: list[tuple[int, int]] = []  # (first position, tokens) of each full forward
+    layer = decoder_layers(model)[3]  # the draft skips layer 3: only full forwards reach it
+    handle = layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((int(kwargs["position_ids"][0, 0]), args[0].shape[1])),
+        with_kwargs=True)
+    try:
+        stats = speculative_generate(model, PROMPTS[2], Plan.parse("skip:3", 6), 24, FIXED).stats
+    finally:
+        handle.remove()
+    assert seen[0] == (0, 11)
+    assert sum(n for _, n in seen) == 11 + stats.verifications + stats.proposed
+    for (start, length), (following, _) in zip(seen[1:], seen[2:], strict=False):
+        assert start < following <= start + length  # only the rejected tail is processed again
+    assert 0 < stats.accepted < stats.proposed
+
+
+def small_vocabulary_model():
+    """8 tokens, sharp distributions, and a layer whose skip changes them a lot (acceptance about 0.6)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+        model.model.layers[1].mlp.down_proj.weight.mul_(40)
+    return model
+
+
+@torch.no_grad()
+def pit_chi2(model, ids: torch.Tensor, start: int) -> float:
+    """Chi-square of the randomized probability integral transforms of the tokens after `start`.
+
+    If every token is drawn from the full model's distribution given the tokens before it, the
+    transforms are independent and uniform on [0, 1] (Brockwell 2007); 10 bins, 9 degrees of freedom.
+    """
+    probs = torch.softmax(model(ids).logits[0, start - 1:-1].double(), dim=-1)
+    tokens = ids[0, start:, None]
+    own = probs.gather(-1, tokens)[:, 0]
+    noise = torch.rand(len(own), generator=torch.Generator().manual_seed(0), dtype=torch.double)
+    transforms = probs.cumsum(-1).gather(-1, tokens)[:, 0] - own + noise * own
+    counts = torch.histc(transforms, bins=10, min=0, max=1)
+    expected = len(own) / 10
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampling_follows_the_full_models_distribution():
+    model, prompt, plan = small_vocabulary_model(), torch.tensor([[1, 2, 3]]), Plan.parse("skip:1", 4)
+    settings = SpeculativeSettings(max_draft=3, min_confidence=0, min_ratio=0, sample=True, seed=1)
+    result = speculative_generate(model, prompt, plan, 1200, settings)
+    assert 0.3 < result.stats.acceptance_rate < 0.9  # both acceptances and rejections were exercised
+    assert pit_chi2(model, result.ids, 3) < CHI2_9DOF_999
+    # control: the draft's own samples fail the same test, so it can tell the two distributions apart
+    with torch.no_grad(), apply_plan(model, plan):
+        torch.manual_seed(0)
+        drafted = model.generate(prompt, do_sample=True, max_new_tokens=1200, min_new_tokens=1200, top_k=0)
+    assert pit_chi2(model, drafted, 3) > 3 * CHI2_9DOF_999
