@@ -8,15 +8,21 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from layerlab import Plan, apply_plan
 from layerlab.arch import decoder_layers
-from layerlab.speculative import SpeculativeSettings, speculative_generate
+from layerlab.speculative import (
+    SpeculativeSettings,
+    expected_tokens,
+    predicted_speedup,
+    required_acceptance,
+    speculative_generate,
+)
 
 PROMPTS = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (1, 6, 11)]
 FIXED = SpeculativeSettings(max_draft=4, min_confidence=0, min_ratio=0)  # always 4 drafts: most rejections
-NEW = 20
+NEW = 16
 CHI2_9DOF_999 = 27.88  # 0.999 quantile of chi-square with 9 degrees of freedom
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3", "gemma3", "gpt2"])
 def model_and_references(request):
     model = tiny_model(request.param)
     return model, [greedy_without_cache(model, prompt, NEW) for prompt in PROMPTS]
@@ -44,6 +50,29 @@ def test_the_full_plan_as_draft_is_always_accepted():
     stats = speculative_generate(model, PROMPTS[1], Plan.identity(6), 21, FIXED).stats
     assert stats.acceptance_rate == 1.0
     assert stats.tokens_per_verification == 5.0  # 4 drafts and the full model's next token
+
+
+@pytest.mark.parametrize("confidence, ratio, low, high", [(1.01, 0, 0, 1), (0, 1.05, 1.2, 5), (0, 0, 5, 6)])
+def test_drafting_stops_when_the_draft_is_unsure(confidence, ratio, low, high):
+    """An impossible confidence drafts one token per cycle, a top-1/top-2 ratio some, no threshold max_draft."""
+    model = tiny_model("llama")
+    settings = SpeculativeSettings(max_draft=6, min_confidence=confidence, min_ratio=ratio)
+    result = speculative_generate(model, PROMPTS[1], Plan.parse("skip:4", 6), 30, settings)
+    stats = result.stats
+    assert torch.equal(result.ids, greedy_without_cache(model, PROMPTS[1], 30))
+    assert low <= stats.draft_steps_per_verification <= high
+    assert stats.new_tokens - 1 == stats.accepted + stats.verifications  # each verification adds accepted + 1
+    assert stats.draft_steps == stats.proposed and stats.draft_seconds > 0 and stats.verify_seconds > 0
+
+
+def test_speedup_formulas():
+    assert expected_tokens(0.5, 3) == pytest.approx(1.875)  # 1 + a + a^2 + a^3
+    assert expected_tokens(1.0, 3) == 4
+    assert predicted_speedup(2.0, 3, 0.2) == pytest.approx(2.0 / 1.6)
+    assert required_acceptance(1, 0.5) == pytest.approx(0.5)  # (1 + a) / 1.5 = 1
+    a = required_acceptance(4, 0.3)
+    assert predicted_speedup(expected_tokens(a, 4), 4, 0.3) == pytest.approx(1.0)
+    assert required_acceptance(4, 1.0) is None  # a draft as slow as the model cannot win
 
 
 def test_accepted_tokens_are_never_recomputed():
