@@ -134,3 +134,21 @@ def test_sampling_follows_the_full_models_distribution():
         torch.manual_seed(0)
         drafted = model.generate(prompt, do_sample=True, max_new_tokens=1200, min_new_tokens=1200, top_k=0)
     assert pit_chi2(model, drafted, 3) > 3 * CHI2_9DOF_999
+
+
+def test_draft_plan_search_ranks_by_predicted_speedup_and_explains_a_loss():
+    from test_evaluate import TEXT, CharTokenizer
+
+    from layerlab.draft_search import search_draft_plan
+
+    model = tiny_model("llama")
+    found = search_draft_plan(model, CharTokenizer(), ["The game", "In 1990 the"], TEXT, max_new_tokens=8,
+                              settings=FIXED, ctx=64, windows=2, shares=(0.35, 0.65))
+    kinds = {c.kind for c in found.ranking}
+    assert kinds == {"layers", "sublayers"}
+    speedups = [c.predicted_speedup for c in found.ranking]
+    assert speedups == sorted(speedups, reverse=True)
+    best = found.best.stats
+    assert best.proposed > 0 and best.plain_seconds_per_token == found.plain_seconds_per_token
+    assert found.wins == (speedups[0] > 1)
+    assert ("beats plain decoding" if found.wins else "no win") in found.summary()

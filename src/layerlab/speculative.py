@@ -102,6 +102,19 @@ class SpeculativeStats:
             return None
         return self.plain_seconds_per_token * (self.new_tokens - 1) / (self.draft_seconds + self.verify_seconds)
 
+    @classmethod
+    def combined(cls, runs: list[SpeculativeStats]) -> SpeculativeStats:
+        """Several runs as one: counts and seconds add up (the plain step time is the first one set)."""
+        total = cls()
+        for run in runs:
+            for name in ("new_tokens", "verifications", "draft_steps", "proposed", "accepted", "prefill_seconds",
+                         "draft_seconds", "verify_seconds"):
+                setattr(total, name, getattr(total, name) + getattr(run, name))
+        total.new_tokens -= len(runs) - 1  # each run's first token comes from its prompt: keep one
+        total.plain_seconds_per_token = next((r.plain_seconds_per_token for r in runs
+                                              if r.plain_seconds_per_token is not None), None)
+        return total
+
     def to_dict(self) -> dict:
         names = ("acceptance_rate", "tokens_per_verification", "draft_steps_per_verification", "cost_ratio",
                  "predicted_speedup", "measured_speedup")
@@ -273,13 +286,13 @@ def compare_with_plain(model, input_ids: torch.Tensor, draft_plan: Plan, max_new
 
 def break_even_summary(stats: SpeculativeStats) -> str:
     """One line: whether drafting wins, and if not what acceptance would at the measured cost ratio."""
-    speedup = stats.measured_speedup or stats.predicted_speedup
+    speedup = stats.predicted_speedup
     if speedup >= 1:
-        return f"wins: {speedup:.2f}x over plain decoding"
+        return f"wins: predicted {speedup:.2f}x, beats plain decoding"
     needed = required_acceptance(max(stats.draft_steps_per_verification, 1.0), stats.cost_ratio)
     need = f"an acceptance of {needed:.2f}" if needed is not None else "a cheaper draft (cost ratio below 1)"
-    return (f"no win: {speedup:.2f}x (acceptance {stats.acceptance_rate:.2f} at cost ratio {stats.cost_ratio:.2f}); "
-            f"breaking even needs {need} at this cost ratio, or a cost ratio below "
+    return (f"no win: predicted {speedup:.2f}x (acceptance {stats.acceptance_rate:.2f} at cost ratio "
+            f"{stats.cost_ratio:.2f}); breaking even needs {need} at this cost ratio, or a cost ratio below "
             f"{_break_even_cost(stats):.2f} at this acceptance")
 
 
