@@ -140,6 +140,79 @@ def _results_table(results: dict) -> Table:
 
 
 @cli.command()
+@model_option()
+@click.option("--draft-plan", "-d", required=True,
+              help="Layer plan the model drafts with (text or file), or 'auto' to search for one.")
+@click.option("--prompt", required=True, help="Prompt to continue.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--sample", is_flag=True, help="Exact speculative sampling instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-draft", default=8, show_default=True, type=click.IntRange(1), help="Most drafts per verification.")
+@click.option("--min-confidence", default=0.5, show_default=True,
+              help="Stop drafting after a token whose draft probability is below this.")
+@click.option("--min-ratio", default=1.0, show_default=True,
+              help="Stop drafting after a token whose top-1/top-2 probability ratio is below this.")
+@click.option("--search-text", default="wikitext2-valid", show_default=True, help="Calibration text for 'auto'.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def speculate(source, draft_plan, prompt, max_new_tokens, sample, temperature, seed, max_draft, min_confidence,
+              min_ratio, search_text, dtype, device) -> None:
+    """Self-speculative decoding: draft with a layer plan, verify with every layer; output equals plain decoding."""
+    from .models import load
+    from .speculative import SpeculativeSettings, break_even_summary, compare_with_plain
+
+    model, tokenizer = load(source, dtype=dtype, device=device)
+    settings = SpeculativeSettings(max_draft=max_draft, min_confidence=min_confidence, min_ratio=min_ratio,
+                                   sample=sample, temperature=temperature, seed=seed)
+    n = model.config.get_text_config(decoder=True).num_hidden_layers
+    plan = _searched_draft_plan(model, tokenizer, prompt, search_text, settings) if draft_plan == "auto" else (
+        Plan.load(draft_plan, n))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    result = compare_with_plain(model, ids, plan, max_new_tokens, settings)
+    console.print(f"[dim]{prompt}[/dim]{tokenizer.decode(result.ids[0, ids.shape[1]:], skip_special_tokens=True)}")
+    console.print(_speculation_table(f"draft plan {plan} ({len(plan.steps)} of {n} steps)", [result.stats]))
+    console.print(break_even_summary(result.stats))
+
+
+def _searched_draft_plan(model, tokenizer, prompt: str, text: str, settings) -> Plan:
+    """Run the draft-plan search on the prompt, print its ranking, return the best plan."""
+    from .corpora import read_text
+    from .draft_search import search_draft_plan
+
+    found = search_draft_plan(model, tokenizer, [prompt], read_text(text), max_new_tokens=24, settings=settings)
+    console.print(_search_table(found))
+    console.print(found.summary())
+    return found.best.plan
+
+
+SPECULATION_COLUMNS = [  # (header, cell) for the statistics of speculative runs
+    ("acceptance", lambda s: f"{s.acceptance_rate:.2f}"),
+    ("tokens/verification", lambda s: f"{s.tokens_per_verification:.2f}"),
+    ("drafts/verification", lambda s: f"{s.draft_steps_per_verification:.2f}"),
+    ("draft s", lambda s: f"{s.draft_seconds:.2f}"),
+    ("verify s", lambda s: f"{s.verify_seconds:.2f}"),
+    ("cost ratio", lambda s: f"{s.cost_ratio:.2f}"),
+    ("predicted ×", lambda s: f"{s.predicted_speedup:.2f}"),
+    ("measured ×", lambda s: _maybe(s.measured_speedup, ".2f")),
+]
+
+
+def _speculation_table(title: str, runs: list, first: tuple[str, list[str]] | None = None) -> Table:
+    """One row per run; `first` is an optional leading (header, cells) column."""
+    headers = ([first[0]] if first else []) + [header for header, _ in SPECULATION_COLUMNS]
+    table = Table(*headers, title=title)
+    for i, stats in enumerate(runs):
+        table.add_row(*([first[1][i]] if first else []), *(cell(stats) for _, cell in SPECULATION_COLUMNS))
+    return table
+
+
+def _search_table(found) -> Table:
+    return _speculation_table("draft plans, best predicted speedup first", [c.stats for c in found.ranking],
+                              ("plan", [f"{c.plan} ({c.kind})" for c in found.ranking]))
+
+
+@cli.command()
 @model_option(required=True)
 @click.option("--plan", "-p", "plan_text", required=True, help="Layer plan (text or .json/.yaml file).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (hf) or .gguf file (gguf).")

@@ -77,20 +77,33 @@ class AppliedPlan:
             self._hook.remove()
         delattr(self.model, _APPLIED)
 
-    def _apply(self) -> None:
-        plan, layers = self.plan, self._original_layers
+    def reapply(self) -> AppliedPlan:
+        """Install the same step modules again after `restore()`: toggling a plan rebuilds nothing."""
+        if getattr(self.model, _APPLIED, None) is not self:
+            self._check_free()
+            self._install()
+        return self
+
+    def _check_free(self) -> None:
         if getattr(self.model, _APPLIED, None) is not None:
             raise PlanError("a plan is already applied to this model; restore it before applying another")
+
+    def _apply(self) -> None:
+        plan, layers = self.plan, self._original_layers
+        self._check_free()
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
         if not any(step.attention for step in plan.steps):
             raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
-        steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
-        self._patch_config(plan)
-        set_path(self.model, self._arch.layers, steps)
-        skipped = [i for i, s in enumerate(plan.steps) if not s.attention]
+        self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
+        self._install()
+
+    def _install(self) -> None:
+        self._patch_config(self.plan)
+        set_path(self.model, self._arch.layers, self._steps)
+        skipped = [i for i, s in enumerate(self.plan.steps) if not s.attention]
         if skipped:
-            self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(plan.steps))
+            self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(self.plan.steps))
         setattr(self.model, _APPLIED, self)
 
     def _patch_config(self, plan: Plan) -> None:
@@ -105,6 +118,23 @@ class AppliedPlan:
 def apply_plan(model: nn.Module, plan: Plan) -> AppliedPlan:
     """Apply `plan` to `model` now; use as a context manager or call `.restore()` later."""
     return AppliedPlan(model, plan)
+
+
+def source_slot_cache(cache: Cache, plan: Plan) -> Cache:
+    """A view of `cache` for running `plan`: step i's slot IS the slot of its source layer in `cache`.
+
+    A plan applied with this view reads and extends the cache of the untouched model, so a draft plan
+    can continue from the full model's keys and values (self-speculative decoding). Layers the plan
+    skips get no entries; positions and masks follow the view's own (consistent) lengths.
+    """
+    if len(set(plan.layers)) < len(plan.steps):
+        raise PlanError(f"plan {plan} repeats a layer; sharing the full model's cache needs each layer at most once")
+    if len(cache.layers) != plan.num_layers:
+        raise PlanError(f"the cache has {len(cache.layers)} layer slots, but the plan is for {plan.num_layers} layers")
+    view = copy.copy(cache)
+    view.layers = [cache.layers[layer] for layer in plan.layers]
+    view.layer_class_to_replicate = None
+    return view
 
 
 def current_plan(model: nn.Module) -> Plan | None:
