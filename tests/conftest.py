@@ -30,3 +30,18 @@ def smollm2_tokenizer():
     from layerlab.models import EMBEDDED, convert_gguf
 
     return AutoTokenizer.from_pretrained(str(convert_gguf(EMBEDDED["smollm2-135m"].locate())))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smollm2_tokenizer):
+    """A random 6-layer Llama with SmolLM2's tokenizer, saved as a model folder (for command-line tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path_factory.mktemp("tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import layerlab
 from layerlab import Plan, apply_plan
@@ -17,18 +17,6 @@ from layerlab.prune import QUICK_EVAL, PruneSettings, prune
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
                          evaluation=replace(QUICK_EVAL, ppl_windows=2, mc_items=4, max_new_tokens=4, speed_rounds=1,
                                             speed_prompt_tokens=16, speed_decode_tokens=4))
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smollm2_tokenizer):
-    """A random 6-layer Llama with SmolLM2's tokenizer, saved as a model folder."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2)
-    folder = tmp_path_factory.mktemp("tiny")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -152,3 +152,21 @@ def test_draft_plan_search_ranks_by_predicted_speedup_and_explains_a_loss():
     assert best.proposed > 0 and best.plain_seconds_per_token == found.plain_seconds_per_token
     assert found.wins == (speedups[0] > 1)
     assert ("beats plain decoding" if found.wins else "no win") in found.summary()
+
+
+def test_speculate_command_prints_the_plain_greedy_text_and_the_statistics(tiny_folder):
+    import subprocess
+    import sys
+
+    import layerlab
+
+    model, tokenizer = layerlab.load(str(tiny_folder))
+    ids = tokenizer("The cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expected = tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    result = subprocess.run([sys.executable, "-m", "layerlab.cli", "speculate", "--model", str(tiny_folder),
+                             "--draft-plan", "skip:2-3", "--prompt", "The cat", "-n", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected.strip() in result.stdout and "acceptance" in result.stdout
