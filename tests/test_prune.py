@@ -32,8 +32,11 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     assert len(plan.steps) == 4 and len(data["removed"]) == 2
     rows = data["evaluation"]["rows"]
     assert rows[0]["plan"] == "all" and rows[1]["plan"] == data["plan"]
-    assert {r["plan"] for r in rows} >= {data["best_one_shot"]["plan"]}
+    assert {r["plan"] for r in rows} >= {data["best_one_shot"]["plan"], data["greedy_plan"]}
     assert data["best_one_shot"]["perplexity"] == min(c["perplexity"] for c in data["one_shot"])
+    greedy_ppl = data["search"]["trace"][-1]["perplexity"]
+    expected = "greedy" if greedy_ppl <= data["best_one_shot"]["perplexity"] else data["best_one_shot"]["method"]
+    assert data["chosen_by"] == expected
     assert json.loads((out / "report.json").read_text())["plan"] == data["plan"]
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])

@@ -509,8 +509,9 @@ def prune(source, drop, layers, target_speedup, granularity, calibration, window
     data = run_prune(model, tokenizer, source, out, settings, resume=resume, force=force)
     rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
     console.print(_results_table({"rows": rows}))
-    console.print(f"plan: {data['plan']}   (best one-shot: {data['best_one_shot']['plan']}, "
-                  f"{data['best_one_shot']['method']})")
+    console.print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
+                  f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
+                  f"({data['best_one_shot']['method']}))")
     if data["exported"]:
         console.print(f"smaller model: {data['exported']}")
     console.print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")

@@ -5,8 +5,10 @@ where it stopped instead of starting over:
 1. score: the hook metrics on the calibration text (one pass; recomputed on resume, it is cheap);
 2. search: greedy perplexity search to the budget, its state saved in `search.json` after every round;
 3. one-shot: Block Influence, angular distance and LLM-Drop cosine plans removing as many units, and
-   the best of them by calibration perplexity (the cheap alternative the report compares against);
-4. evaluate: baseline, chosen plan and best one-shot plan side by side (`eval.json`);
+   the best of them by calibration perplexity; the chosen plan is the greedy or the best one-shot plan,
+   whichever has the lower calibration perplexity (greedy with pruning is not guaranteed to win, and
+   the evaluation text is never used to choose);
+4. evaluate: baseline, greedy plan and best one-shot plan side by side (`eval.json`);
 5. heal (optional): LoRA on the chosen plan, evaluated as one more row (`healed.json`, `healed/`);
 6. export: the chosen plan as a Hugging Face folder (`model/`);
 7. report: `report.html` (self-contained) and `report.json` (analysis/report.py).
@@ -79,10 +81,14 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     state = greedy(model, tokenizer, calibration, budget, settings.granularity, ctx=settings.calib_ctx,
                    windows=settings.calib_windows, keep=settings.keep, state_path=out / "search.json", resume=True,
                    progress=progress)
-    chosen = Plan.from_dict(state.plan, n_layers)
     one_shots = _one_shot_candidates(model, tokenizer, calibration, scores, len(state.trace), settings)
     best_one_shot = min(one_shots, key=lambda c: c["perplexity"])
-    plans = unique_plans([Plan.identity(n_layers), chosen, Plan.parse(best_one_shot["plan"], n_layers)])
+    found = {"greedy": (state.trace[-1]["perplexity"], state.plan_text(n_layers)),
+             best_one_shot["method"]: (best_one_shot["perplexity"], best_one_shot["plan"])}
+    chosen_by = min(found, key=lambda method: found[method][0])  # calibration perplexity only: no peeking
+    chosen = Plan.parse(found[chosen_by][1], n_layers)
+    plans = unique_plans([Plan.identity(n_layers)] + [Plan.parse(text, n_layers) for _, text in found.values()])
+    plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
     evaluation = _cached(out / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
         model, tokenizer, plans, ("ppl", "mc", "samples", "speed"), settings.evaluation))
     healed = _heal_row(model, tokenizer, chosen, out, settings, progress) if settings.heal else None
@@ -93,8 +99,9 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
 
         export_hf(model, tokenizer, chosen, out / "model")
     data = {
-        "model": source, "settings": _settings_dict(settings), "plan": chosen.to_text(),
-        "removed": [t["removed"] for t in state.trace], "scores": scores.to_dict(), "search": asdict(state),
+        "model": source, "settings": _settings_dict(settings), "plan": chosen.to_text(), "chosen_by": chosen_by,
+        "greedy_plan": found["greedy"][1], "removed": [t["removed"] for t in state.trace],
+        "scores": scores.to_dict(), "search": asdict(state),
         "one_shot": one_shots, "best_one_shot": best_one_shot, "evaluation": evaluation, "healed": healed,
         "candidates": _candidate_points(model, state, one_shots, n_layers),
         "exported": str(out / "model") if settings.export else None,

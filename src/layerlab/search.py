@@ -145,6 +145,9 @@ class SearchState:
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(asdict(self), indent=2), force=True)
 
+    def plan_text(self, n_layers: int) -> str:
+        return Plan.from_dict(self.plan, n_layers).to_text()
+
     @classmethod
     def load(cls, path: str | Path) -> SearchState:
         return cls(**json.loads(Path(path).read_text()))

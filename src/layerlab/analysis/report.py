@@ -75,9 +75,10 @@ def render(data: dict, images: dict[str, str]) -> str:
     rows = data["evaluation"]["rows"] + ([data["healed"]] if data.get("healed") else [])
     parts = [
         f"<h1>layerlab prune: {_e(data['model'])}</h1>",
-        f"<p>Chosen plan <code>{_e(data['plan'])}</code> (removed, in greedy order: "
-        f"{_e(', '.join(data['removed']))}); best one-shot plan <code>{_e(data['best_one_shot']['plan'])}</code> "
-        f"({_e(data['best_one_shot']['method'])}).</p>",
+        f"<p>Chosen plan <code>{_e(data['plan'])}</code> ({_e(data['chosen_by'])}: the lower calibration perplexity "
+        f"of the greedy plan <code>{_e(data['greedy_plan'])}</code> (removed in this order: "
+        f"{_e(', '.join(data['removed']))}) and the best one-shot plan "
+        f"<code>{_e(data['best_one_shot']['plan'])}</code> ({_e(data['best_one_shot']['method'])})).</p>",
         "<h2>Evaluation</h2>", _table(["plan", "steps", "ppl", "Δppl", "acc", "acc_norm", "decode tok/s",
                                        "decode ×", "params MB"], [_eval_cells(r) for r in rows]),
         f"<p>Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; multiple choice on "
