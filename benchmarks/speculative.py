@@ -41,7 +41,9 @@ def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: int, set
     plan = found.best.plan
     assistant = materialize(model, plan)
     encoded = [tokenizer(p, return_tensors="pt")["input_ids"].to(model.device) for p in prompts]
-    fixed = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    # every method decodes exactly `new_tokens` tokens, through an end-of-sequence token too (no EOS
+    # suppression, which would change the greedy choice: self-speculation does not stop at EOS either)
+    fixed = {"max_new_tokens": new_tokens, "eos_token_id": None, "do_sample": False}
 
     def plain():
         return [model.generate(ids, **fixed) for ids in encoded], None
