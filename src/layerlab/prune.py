@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .corpora import read_text
@@ -175,6 +175,6 @@ def _candidate_points(model, state: SearchState, one_shots: list[dict], n_layers
 
 
 def _settings_dict(settings: PruneSettings) -> dict:
-    data = asdict(replace(settings))
+    data = asdict(settings)
     data["evaluation"]["prompts"] = list(settings.evaluation.prompts)
     return data

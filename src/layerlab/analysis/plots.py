@@ -29,10 +29,7 @@ def importance_bars(result: Similarity, path: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xlabel("layer (plan step order)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, 110)
 
 
 def angular_heatmap(result: Similarity, path: str | Path) -> Path:
@@ -46,10 +43,7 @@ def angular_heatmap(result: Similarity, path: str | Path) -> Path:
     ax.set_ylabel("first step l")
     ax.set_title("angular distance d(x^l, x^(l+n))")
     fig.colorbar(image, ax=ax, label="arccos(cos) / pi")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, 110)
 
 
 def perplexity_vs_removed(trace: list[dict], baseline: float, path: str | Path) -> Path:
@@ -65,10 +59,7 @@ def perplexity_vs_removed(trace: list[dict], baseline: float, path: str | Path) 
     ax.set_ylabel("calibration perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, 110)
 
 
 def _map_grid(result: AttentionMaps, images: list[torch.Tensor | None], title: str, path: str | Path,
@@ -96,10 +87,7 @@ def _map_grid(result: AttentionMaps, images: list[torch.Tensor | None], title: s
             if labels and r == len(rows) - 1:
                 ax.set_xticks(ticks, names, fontsize=5, rotation=90)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, DPI)
 
 
 def speed_vs_quality(points: list[dict], path: str | Path) -> Path:
@@ -113,10 +101,7 @@ def speed_vs_quality(points: list[dict], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, 110)
 
 
 def attention_grid(result: AttentionMaps, path: str | Path, max_heads: int = 8) -> Path:
@@ -143,10 +128,7 @@ def spectrum_summary_chart(shares: dict[str, list[float | None]], path: str | Pa
     ax.set_title("high-frequency share of attention maps (mean over heads)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, DPI)
 
 
 def cosine_heatmap(matrix: torch.Tensor, names: list[str], path: str | Path, title: str) -> Path:
@@ -159,7 +141,12 @@ def cosine_heatmap(matrix: torch.Tensor, names: list[str], path: str | Path, tit
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="mean cos(x^i, x^j) over tokens")
+    return _save(fig, path, DPI)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write and close a figure (closing frees it: reports draw many)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)
