@@ -82,3 +82,16 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path
     assert len(seen["images"]) == 6 and all(seen["images"])
     assert seen["table_rows"] >= 3 + 2 + 2  # evaluation rows, greedy rounds, one-shot candidates
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_with_healing_adds_a_healed_row_and_model(tiny_folder, tmp_path):
+    from layerlab.heal import HealSettings
+
+    model, tokenizer = layerlab.load(str(tiny_folder))
+    settings = replace(SETTINGS, heal=True, heal_settings=HealSettings(steps=2, ctx=32, batch_size=2), export=False)
+    data = prune(model, tokenizer, str(tiny_folder), tmp_path / "out", settings, progress=False)
+    healed = data["healed"]
+    assert healed["plan"] == data["plan"] + " + LoRA" and len(healed["losses"]) == 2
+    assert "ppl_pct" in healed["delta"] and "acc_norm" in healed["delta"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "healed").config.num_hidden_layers == 4
+    assert "+ LoRA" in (tmp_path / "out" / "report.html").read_text() and not (tmp_path / "out" / "model").exists()
