@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, get_path
 from .errors import LayerlabError, PlanError
-from .evaluate.perplexity import Window, calibration_windows, logits_nll, window_nll
+from .evaluate.perplexity import Window, calibration_windows, logits_nll, scored_tokens, window_nll
 from .evaluate.speed import parameter_bytes
 from .io import atomic_write_text
 from .metrics.similarity import Similarity
@@ -190,7 +190,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
     evaluator.layer_forwards = state.layer_forwards
     with apply_plan(model, Plan.identity(n_layers)):
         full_bytes = parameter_bytes(model)
-    tokens = sum(len(w.ids) - w.score_from for w in chunks)
+    tokens = scored_tokens(chunks)
     rounds_here = 0
     while not budget.done(len(state.trace), model, Plan.from_dict(state.plan, n_layers), full_bytes):
         if max_rounds is not None and rounds_here >= max_rounds:

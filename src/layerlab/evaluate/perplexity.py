@@ -88,6 +88,11 @@ def calibration_windows(tokenizer, text: str, ctx: int, windows: int) -> list[Wi
     return chunks
 
 
+def scored_tokens(windows: list[Window]) -> int:
+    """How many tokens the windows score (each window scores from its `score_from` position on)."""
+    return sum(len(w.ids) - w.score_from for w in windows)
+
+
 @torch.inference_mode()
 def window_nll(model, windows: list[Window], embeds: torch.Tensor | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and token count over windows of equal length, in one forward pass.

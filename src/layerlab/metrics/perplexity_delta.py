@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from ..evaluate.perplexity import calibration_windows
+from ..evaluate.perplexity import calibration_windows, scored_tokens
 from ..plan import Plan
 from ..search import LossEvaluator, candidates
 
@@ -52,7 +52,7 @@ def perplexity_deltas(model, tokenizer, text: str, plan: Plan | None = None, hal
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     plan = plan or Plan.identity(n_layers)
     chunks = calibration_windows(tokenizer, text, ctx, windows)
-    tokens = sum(len(w.ids) - w.score_from for w in chunks)
+    tokens = scored_tokens(chunks)
     evaluator = LossEvaluator(model, chunks, reuse=True, abort=False)
     base = math.exp(evaluator.record(plan) / tokens)
     options = [(half, c) for half in halves for c in candidates(plan, half)]
