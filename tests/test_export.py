@@ -13,7 +13,7 @@ import layerlab
 from layerlab import Plan, PlanError, apply_plan
 from layerlab.export.gguf import check_swa_pattern, prune_gguf
 from layerlab.export.hf import export_hf
-from layerlab.io import OutputExistsError
+from layerlab.io import OutputExistsError, atomic_write_text
 from layerlab.models import EMBEDDED
 
 
@@ -84,6 +84,16 @@ def test_outputs_are_never_clobbered(tmp_path):
     export_hf(model, NoTokenizer(), plan, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging leftovers
+
+
+def test_outputs_get_the_permissions_of_plainly_created_ones(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").write_text("x")
+    export_hf(tiny_model("llama"), NoTokenizer(), Plan.parse("skip:1", 6), tmp_path / "out")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = lambda name: (tmp_path / name).stat().st_mode  # noqa: E731
+    assert mode("out") == mode("plain") and mode("atomic.txt") == mode("plain.txt")
+    assert (tmp_path / "out" / "config.json").stat().st_mode == mode("plain.txt")
 
 
 def test_gemma3_global_layers_must_keep_their_llama_cpp_positions():

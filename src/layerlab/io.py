@@ -13,6 +13,13 @@ class OutputExistsError(LayerlabError):
     """An output path that already exists."""
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the permissions plain creation would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 def check_output(out: str | Path, folder: bool = False, force: bool = False) -> None:
     """Refuse an existing output (a non-empty folder, or any file) unless `force`; call it before long work."""
     out = Path(out)
@@ -41,9 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> Pa
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        usual_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .io import usual_permissions
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    usual_permissions(staging)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

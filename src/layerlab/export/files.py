@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..io import check_output
+from ..io import check_output, usual_permissions
 
 
 @contextlib.contextmanager
@@ -17,6 +17,7 @@ def _staged(out: str | Path, force: bool, folder: bool) -> Iterator[Path]:
     check_output(out, folder=folder, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    usual_permissions(staging)
     target = staging if folder else staging / out.name
     try:
         yield target
