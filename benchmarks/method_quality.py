@@ -8,10 +8,11 @@ For each granularity (whole layers, attention only, MLP only) and each count n, 
 - `greedy`: greedy perplexity search (the plans after round n of one search to the largest n).
 All methods calibrate on one text; the plans are evaluated on texts NOT used for calibration
 (perplexity, ctx 512, non-overlapping windows) and on HellaSwag rows (acc, acc_norm).
-Results are written to --out after every plan, so a stopped run keeps what it measured.
+Results are written to --out after every plan, and each greedy search saves its state after every round
+(beside --out), so a stopped run keeps what it measured; `--resume` continues it with the same options.
 
     python benchmarks/method_quality.py [--model smollm2-135m] [--counts 4,6,8] [--granularities layer,attn,mlp]
-        [--mc-rows 1000] [--ppl-windows 0] [--device cuda] [--out method_quality.json]
+        [--mc-rows 1000] [--ppl-windows 0] [--device cuda] [--out method_quality.json] [--resume]
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def chosen_plans(model, tokenizer, args) -> list[dict]:
     for granularity in args.granularities:
         start = time.perf_counter()
         search = greedy(model, tokenizer, text, Budget(remove=max(args.counts)), granularity, ctx=args.calib_ctx,
-                        windows=args.search_windows)
+                        windows=args.search_windows, state_path=f"{args.out}.greedy-{granularity}.json",
+                        resume=args.resume)
         print(f"greedy {granularity}: {time.perf_counter() - start:.0f} s, {search.layer_forwards} layer forwards",
               flush=True)
         for n in args.counts:
@@ -71,6 +73,24 @@ def evaluate(model, tokenizer, plan: Plan, texts: dict[str, str], items, args) -
     return result | {"acc": mc.acc, "acc_norm": mc.acc_norm}
 
 
+def settings(args) -> dict:
+    """The options that decide each plan's numbers (not which plans, where they go, or whether to resume)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "resume", "counts", "granularities")}
+
+
+def measured_before(args) -> dict[str, dict]:
+    """Metrics per plan text from an earlier run of the same settings in --out (for --resume)."""
+    out = Path(args.out)
+    if not (args.resume and out.exists()):
+        return {}
+    earlier = json.loads(out.read_text())
+    if {k: v for k, v in earlier["settings"].items() if k not in ("out", "resume", "counts", "granularities")} \
+            != settings(args):
+        raise SystemExit(f"{out} was measured with other settings; resume with the same options or another --out")
+    metrics = ("acc", "acc_norm", *args.eval_texts)
+    return {row["plan"]: {k: row[k] for k in metrics} for row in earlier["rows"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -88,13 +108,14 @@ def main() -> None:
                         help="HellaSwag sequences per forward pass (default: one item at a time on its context cache)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="method_quality.json")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run with the same options")
     args = parser.parse_args()
 
     model, tokenizer = layerlab.load(args.model, device=args.device)
     texts = {name: read_text(name) for name in args.eval_texts}
     items = read_choices("hellaswag-2k", limit=args.mc_rows)
+    measured = measured_before(args)
     rows = chosen_plans(model, tokenizer, args)
-    measured: dict[str, dict] = {}
     header = (f"{'granularity':11s} {'n':>2s} {'method':8s} " + " ".join(f"{'ppl ' + t:>24s}" for t in texts)
               + f" {'acc':>6s} {'acc_norm':>8s}  plan")
     print(f"{args.model}; calibration {args.calibration}; HellaSwag first {len(items)} rows; "
