@@ -73,9 +73,9 @@ def evaluate(model, tokenizer, plan: Plan, texts: dict[str, str], items, args) -
     return result | {"acc": mc.acc, "acc_norm": mc.acc_norm}
 
 
-def settings(args) -> dict:
+def settings(options: dict) -> dict:
     """The options that decide each plan's numbers (not which plans, where they go, or whether to resume)."""
-    return {k: v for k, v in vars(args).items() if k not in ("out", "resume", "counts", "granularities")}
+    return {k: v for k, v in options.items() if k not in ("out", "resume", "counts", "granularities")}
 
 
 def measured_before(args) -> dict[str, dict]:
@@ -84,8 +84,7 @@ def measured_before(args) -> dict[str, dict]:
     if not (args.resume and out.exists()):
         return {}
     earlier = json.loads(out.read_text())
-    if {k: v for k, v in earlier["settings"].items() if k not in ("out", "resume", "counts", "granularities")} \
-            != settings(args):
+    if settings(earlier["settings"]) != settings(vars(args)):
         raise SystemExit(f"{out} was measured with other settings; resume with the same options or another --out")
     metrics = ("acc", "acc_norm", *args.eval_texts)
     return {row["plan"]: {k: row[k] for k in metrics} for row in earlier["rows"]}
