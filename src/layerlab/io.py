@@ -20,6 +20,13 @@ def usual_permissions(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
 
 
+def temporary_folder(parent: str | Path, prefix: str) -> Path:
+    """A new uniquely named folder in `parent` to build an output in before renaming it into place."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    usual_permissions(folder)
+    return folder
+
+
 def check_output(out: str | Path, folder: bool = False, force: bool = False) -> None:
     """Refuse an existing output (a non-empty folder, or any file) unless `force`; call it before long work."""
     out = Path(out)

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .io import usual_permissions
+from .io import temporary_folder
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,7 @@ def convert_gguf(gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    usual_permissions(staging)
+    staging = temporary_folder(target.parent, target.name + ".")
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..io import check_output, usual_permissions
+from ..io import check_output, temporary_folder
 
 
 @contextlib.contextmanager
@@ -16,8 +15,7 @@ def _staged(out: str | Path, force: bool, folder: bool) -> Iterator[Path]:
     out = Path(out)
     check_output(out, folder=folder, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    usual_permissions(staging)
+    staging = temporary_folder(out.parent, f".{out.name}.")
     target = staging if folder else staging / out.name
     try:
         yield target
