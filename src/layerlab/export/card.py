@@ -1,78 +1,94 @@
-"""The README written next to every export: source, plan, and measured quality and size beside the source's."""
+"""The README written next to every export: source, plan, format, sizes, and numbers measured on the file.
+
+The card only formats what it is given: sizes from the writer (`ExportResult`), quality and speed
+from `layerlab.evaluate.artifact`, which loads the written file back from disk.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
-from ..corpora import read_text
-from ..evaluate.perplexity import perplexity
 from ..plan import Plan
-from ..runtime import apply_plan
-
-
-def measure(model, tokenizer, plan: Plan, windows: int, ctx: int = 512) -> dict[str, dict]:
-    """Perplexity and parameter count of the source and of the plan (what the export computes)."""
-    text = read_text("wikitext2-test")
-    rows = {}
-    for name, chosen in (("source", Plan.identity(plan.num_layers)), ("export", plan)):
-        with apply_plan(model, chosen):
-            ppl = perplexity(model, tokenizer, text, ctx=ctx, max_windows=windows, progress=False) if windows else None
-            rows[name] = {
-                "layers": len(chosen.steps),
-                "parameters": sum(p.numel() for p in model.parameters()) + _repeat_extra(model, chosen),
-                "perplexity": ppl.perplexity if ppl else None,
-            }
-    rows["settings"] = {"text": "wikitext2-test", "ctx": ctx, "windows": windows}
-    return rows
-
-
-def _repeat_extra(model, plan: Plan) -> int:
-    """Parameters that repeated layers add once they are written out as copies."""
-    from ..arch import decoder_layers
-
-    layers = decoder_layers(model)  # the plan's step modules share parameters; exports copy them
-    seen: set[int] = set()
-    extra = 0
-    for step, module in zip(plan.steps, layers, strict=True):
-        if step.layer in seen:
-            extra += sum(p.numel() for p in module.parameters())
-        seen.add(step.layer)
-    return extra
 
 
 def folder_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file in a folder."""
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def card_text(source: str, plan: Plan, fmt: str, measured: dict, sizes: tuple[int, int]) -> str:
-    """Markdown model card."""
+def mib(n: int | None) -> str:
+    return f"{n / 2**20:.1f} MiB" if n else "-"
+
+
+def card_text(source: str, plan: Plan, result, measured: dict | None = None) -> str:
+    """Markdown model card for an `ExportResult`, with `measured` numbers when given."""
     dropped = sorted(set(range(plan.num_layers)) - set(plan.layers))
-    src, exp, settings = measured["source"], measured["export"], measured["settings"]
-
-    def ppl(row: dict) -> str:
-        return f"{row['perplexity']:.3f}" if row["perplexity"] is not None else "not measured"
-
     load = {
         "hf": "`AutoModelForCausalLM.from_pretrained(DIR)`"
         + ("" if plan.whole_layers else " with `trust_remote_code=True` (if written with `--remote-code`), "
            "or `layerlab.load(DIR)`"),
-        "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python, or `layerlab.load(FILE)`",
-    }[fmt]
+        "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python, transformers (`gguf_file=`), "
+                "or `layerlab.load(FILE)`",
+    }[result.format]
+    what = (f"Hugging Face safetensors, {result.dtype}" if result.format == "hf" else
+            f"GGUF, quantization `{result.quant}`" + (" (every tensor keeps its source type)"
+                                                      if result.quant == "source" else ""))
+    ratio = f" ({result.ratio:.3f} of the source" + (f"; ideal {result.ideal_ratio:.3f}" if result.ideal_ratio
+                                                     else "") + ")" if result.ratio else ""
+    params = result.parameters
+    rows = [("decoder layers", str(plan.num_layers), str(len(plan.steps))),
+            ("parameters", f"{params[0] / 1e6:.1f} M" if params[0] else "-", f"{params[1] / 1e6:.1f} M"),
+            ("bytes on disk", mib(result.source_bytes), mib(result.bytes) + ratio)]
+    rows += _measured_rows(measured)
+    table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     return f"""# layerlab export of {source}
 
 - source: `{source}`
 - plan: `{plan.to_text()}` ({len(plan.steps)} steps over {plan.num_layers} layers; dropped: \
 {", ".join(map(str, dropped)) or "none"})
-- format: {"Hugging Face safetensors" if fmt == "hf" else "GGUF (kept tensors copied unchanged, still quantized)"}
+- format: {what}
 - load with: {load}
 
 | | source | export |
 | --- | --- | --- |
-| decoder layers | {src["layers"]} | {exp["layers"]} |
-| parameters | {src["parameters"] / 1e6:.1f} M | {exp["parameters"] / 1e6:.1f} M |
-| bytes on disk | {sizes[0] / 2**20:.1f} MiB | {sizes[1] / 2**20:.1f} MiB |
-| perplexity, {settings["text"]} ({settings["windows"]} windows of {settings["ctx"]}) | {ppl(src)} | {ppl(exp)} |
+{table}
+{_tensor_lines(result.tensors)}{_measured_note(measured)}"""
 
-Perplexity is measured by layerlab on the float weights with the plan applied, which gives the
-export's logits (layerlab's tests check this); a GGUF export keeps the source's quantization.
-"""
+
+def _measured_rows(measured: dict | None) -> list[tuple[str, str, str]]:
+    if not measured:
+        return [("perplexity", "not measured", "not measured")]
+    src, out, settings = measured["source"], measured["export"], measured["settings"]
+    rows = [(f"perplexity, {settings['text']} ({settings['windows']} windows of {settings['ctx']}), layerlab",
+             f"{src['perplexity']['perplexity']:.3f}", f"{out['perplexity']['perplexity']:.3f}")]
+    if src.get("llama_cpp") and out.get("llama_cpp"):
+        a, b = src["llama_cpp"], out["llama_cpp"]
+        rows.append(("perplexity, llama.cpp (second half of each window scored)",
+                     f"{a['perplexity']:.3f}", f"{b['perplexity']:.3f}"))
+        speedup = measured["ratios"].get("llama_cpp_decode")
+        if speedup:
+            rows.append(("decode tok/s, llama.cpp", f"{a['decode_tokens_per_s']:.1f}",
+                         f"{b['decode_tokens_per_s']:.1f} ({speedup:.2f}x, paired median)"))
+    return rows
+
+
+def _tensor_lines(tensors: list) -> str:
+    if not tensors:
+        return ""
+    counts = Counter(t.action for t in tensors)
+    kinds = Counter(f"{t.source_type} -> {t.type}" for t in tensors if t.action != "copied")
+    notes = sorted({t.note for t in tensors if t.note})
+    lines = [f"\nTensors: {counts['copied']} copied byte for byte, {counts['requantized']} re-quantized from the "
+             f"source's values, {counts['rewritten']} rewritten with changed values."]
+    if kinds:
+        lines.append("Types changed: " + ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items())) + ".")
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _measured_note(measured: dict | None) -> str:
+    if not measured:
+        return ""
+    return ("\nMeasured by `layerlab.evaluate.artifact` on the files as loaded back from disk "
+            "(source and export side by side).\n")

@@ -1,26 +1,97 @@
-"""Pruning a GGUF file directly: kept tensors are copied as they are (still quantized).
+"""Writing a GGUF file from a GGUF source: pruned to a plan, kept tensors copied byte for byte.
 
 `blk.N.*` tensors are renumbered to the plan's step order (a repeated layer is written once per
 step), `<arch>.block_count` becomes the number of steps, and every per-layer metadata array (an
 array under the architecture's namespace with one entry per layer) follows the plan. Gemma 3 is
 special: llama.cpp derives its sliding/global pattern from the layer index (every 6th layer is
 global), so a plan that would move a global layer to a sliding position, or the reverse, is refused.
+
+Each output tensor has a target type (`quant.choose_types`). A tensor whose values did not change
+and whose type stays is copied as it is. Otherwise its values (the changed ones, or the source's
+dequantized) are quantized: by the `gguf` package for the numpy types; for K-quants the tensor is
+first written as F32 and llama.cpp's quantizer then writes the final file, told each tensor's type
+(it copies a tensor already in its type byte for byte, as layerlab does).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from ..errors import PlanError
 from ..plan import Plan
 from .files import staged_file
+from .quant import NUMPY_TYPES, Target, quantize, tensor_bytes
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 SWA_PATTERNS = {"gemma3": 6}  # llama.cpp: layer i is global when i % n == n - 1
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What happened to one output tensor (the card and the report list the ones not copied)."""
+
+    name: str
+    source_type: str
+    type: str
+    action: str  # "copied", "requantized" (the source's values in a new type) or "rewritten" (changed values)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GgufSource:
+    """A GGUF file opened once: its reader, architecture and block count."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.reader = GGUFReader(str(self.path))
+        self.arch, self.blocks = gguf_architecture(self.reader)
+
+    def planned(self, plan: Plan) -> list[tuple[str, object]]:
+        """(output name, source tensor) pairs: global tensors first as in the source, then blocks in step order."""
+        by_layer: dict[int, list] = {}
+        planned = []
+        for tensor in self.reader.tensors:
+            match = _BLOCK.match(tensor.name)
+            if match:
+                by_layer.setdefault(int(match.group(1)), []).append((match.group(2), tensor))
+            else:
+                planned.append((tensor.name, tensor))
+        for new_index, layer in enumerate(plan.layers):
+            planned.extend((f"blk.{new_index}.{rest}", tensor) for rest, tensor in by_layer.get(layer, []))
+        return planned
+
+    def check(self, plan: Plan) -> None:
+        """Refuse plans a GGUF cannot take: sublayer drops, the wrong layer count, a moved Gemma 3 global layer."""
+        if not plan.whole_layers:
+            raise PlanError("a GGUF export takes whole layers only; llama.cpp has no per-layer sublayer drops "
+                            "(use --format hf)")
+        if plan.num_layers != self.blocks:
+            raise PlanError(f"the plan was written for {plan.num_layers} layers, but {self.path} has {self.blocks}")
+        check_swa_pattern(self.arch, plan)
+
+    def file_type(self) -> int | None:
+        field = self.reader.fields.get("general.file_type")
+        return int(field.contents()) if field is not None else None
+
+
+def shape_of(tensor) -> tuple[int, ...]:
+    """A reader tensor's element shape in numpy order (rows last)."""
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+def dequantized(tensor) -> np.ndarray:
+    """A reader tensor's values as float32, in numpy order."""
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape_of(tensor))
 
 
 def gguf_architecture(reader: GGUFReader) -> tuple[str, int]:
@@ -43,31 +114,68 @@ def check_swa_pattern(arch: str, plan: Plan) -> None:
             )
 
 
-def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = False) -> Path:
-    """Write a GGUF file holding only the plan's layers, in its order; never touches `source`."""
-    if not plan.whole_layers:
-        raise PlanError("a GGUF export takes whole layers only; llama.cpp has no per-layer sublayer drops")
-    reader = GGUFReader(str(source))
-    arch, count = gguf_architecture(reader)
-    if plan.num_layers != count:
-        raise PlanError(f"the plan was written for {plan.num_layers} layers, but {source} has {count}")
-    check_swa_pattern(arch, plan)
+def write_gguf(source: GgufSource, plan: Plan, out: str | Path, targets: Mapping[str, Target] | None = None,
+               values: Mapping[str, np.ndarray] | None = None, force: bool = False,
+               file_type: int | None = None, llama_ftype: int | None = None) -> list[TensorRecord]:
+    """Write the plan's tensors of `source` to `out`; never touches the source.
+
+    `targets` gives output tensors their types (default: the source's), `values` the float32 values
+    of tensors that changed (GGUF layout). `file_type` replaces `general.file_type` (a numpy-written
+    file); `llama_ftype` is the llama.cpp file type of the quantizer pass K-quants need.
+    """
+    from .llamacpp import llama_quantize
+
+    source.check(plan)
+    targets, values = dict(targets or {}), dict(values or {})
+    planned = source.planned(plan)
+    kinds = {name: targets.get(name, Target(tensor.tensor_type)).type for name, tensor in planned}
+    later = [name for name, tensor in planned
+             if kinds[name] not in NUMPY_TYPES and not _copied(name, tensor, kinds, values)]
     with staged_file(out, force) as staging:
-        writer = GGUFWriter(str(staging), arch, endianess=reader.endianess)
-        _copy_metadata(reader, writer, arch, plan)
-        tensors = _planned_tensors(reader, plan)
-        for name, tensor in tensors:
-            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, tensor in tqdm(tensors, desc="writing GGUF", unit="tensor", leave=False):
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-        writer.close()
+        first = staging.with_name(staging.name + ".f32.gguf") if later else staging
+        _write(source, plan, planned, kinds, values, first, file_type)
+        written = kinds
+        if later:
+            overrides = {name: kind for name, kind in kinds.items() if kind is not None}
+            llama_quantize(first, staging, llama_ftype, overrides)
+            first.unlink()
+            written = {t.name: t.tensor_type for t in GGUFReader(str(staging)).tensors}  # llama.cpp's choices
+        return _records(planned, targets, kinds, values, written)
+
+
+def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = False) -> Path:
+    """Write a GGUF file holding only the plan's layers, in its order, every tensor copied as it is."""
+    write_gguf(GgufSource(source), plan, out, force=force)
     return Path(out)
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan) -> None:
+def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GGMLQuantizationType | None],
+           values: Mapping[str, np.ndarray], path: Path, file_type: int | None) -> None:
+    """One pass of the writer: copied tensors as they are, the others quantized (K-quant targets as F32)."""
+    reader = source.reader
+    writer = GGUFWriter(str(path), source.arch, endianess=reader.endianess)
+    _copy_metadata(reader, writer, source.arch, plan, file_type)
+    jobs = []
+    for name, tensor in planned:
+        kind, copy = kinds[name], _copied(name, tensor, kinds, values)
+        if not copy and kind not in NUMPY_TYPES:
+            kind = GGMLQuantizationType.F32  # llama.cpp's quantizer writes its final type
+        nbytes = int(tensor.n_bytes) if copy else tensor_bytes(kind, shape_of(tensor))
+        writer.add_tensor_info(name, shape_of(tensor), np.float32, nbytes, raw_dtype=kind)
+        jobs.append((name, tensor, kind, copy))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, tensor, kind, copy in tqdm(jobs, desc="writing GGUF", unit="tensor", leave=False):
+        if copy:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+        else:
+            data = values[name] if name in values else dequantized(tensor)
+            writer.write_tensor_data(np.ascontiguousarray(quantize(np.asarray(data, dtype=np.float32), kind)))
+    writer.close()
+
+
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan, file_type: int | None) -> None:
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue  # written by GGUFWriter itself
@@ -76,21 +184,26 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan
         sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
         if field.name == f"{arch}.block_count":
             value = len(plan.steps)
+        elif field.name == "general.file_type" and file_type is not None:
+            value = file_type
+        elif field.name == "general.alignment":
+            writer.data_alignment = int(value)
         elif kind == GGUFValueType.ARRAY and field.name.startswith(f"{arch}.") and len(value) == plan.num_layers:
             value = [value[i] for i in plan.layers]
         writer.add_key_value(field.name, value, kind, sub_type=sub_type)
 
 
-def _planned_tensors(reader: GGUFReader, plan: Plan) -> list:
-    """(new name, tensor) pairs: global tensors first as in the source, then blocks in step order."""
-    by_layer: dict[int, list] = {}
-    planned = []
-    for tensor in reader.tensors:
-        match = _BLOCK.match(tensor.name)
-        if match:
-            by_layer.setdefault(int(match.group(1)), []).append((match.group(2), tensor))
-        else:
-            planned.append((tensor.name, tensor))
-    for new_index, layer in enumerate(plan.layers):
-        planned.extend((f"blk.{new_index}.{rest}", tensor) for rest, tensor in by_layer.get(layer, []))
-    return planned
+def _copied(name: str, tensor, kinds: Mapping[str, GGMLQuantizationType | None], values: Mapping) -> bool:
+    """A tensor whose values did not change and whose type stays: its bytes are copied."""
+    return name not in values and kinds[name] == tensor.tensor_type
+
+
+def _records(planned: list, targets: Mapping[str, Target], kinds: Mapping[str, GGMLQuantizationType | None],
+             values: Mapping[str, np.ndarray], types: Mapping[str, GGMLQuantizationType]) -> list[TensorRecord]:
+    records = []
+    for name, tensor in planned:
+        action = ("rewritten" if name in values else "copied" if _copied(name, tensor, kinds, values)
+                  else "requantized")
+        records.append(TensorRecord(name, tensor.tensor_type.name, types[name].name, action,
+                                    targets.get(name, Target(None)).note))
+    return records

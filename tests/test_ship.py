@@ -1,0 +1,251 @@
+"""Shipping what you prune: GGUF exports in the source's quantization, re-quantized changed tensors, the
+Q/K permutation, quant types and mixed precision, the source's dtype for folders, errors before any work,
+and measuring the written file as loaded back from disk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tiny_gguf import tiny_hf, write_tiny_gguf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import layerlab
+from layerlab import Plan, PlanError, apply_plan
+from layerlab.evaluate.artifact import ArtifactSettings, load_file, measure_export
+from layerlab.export import ExportError, ExportSettings, prepare_export, write_export
+from layerlab.export.gguf_weights import permute
+from layerlab.export.quant import Quant, QuantError, Target, choose_types, closest, tensor_bytes
+from layerlab.io import OutputExistsError
+
+IDS = torch.tensor([[5, 70, 33, 120, 256, 9, 200, 41, 18, 77, 3, 250]])
+LAYERS = 12
+PLAN = "skip:0-5"  # a whole group of six: Gemma 3's global layers keep their llama.cpp positions
+
+
+def export_gguf(source, plan_text, out, quant="source", model=None, **kwargs):
+    plan = Plan.parse(plan_text, LAYERS)
+    target = prepare_export(ExportSettings(quant=quant), str(source), plan, out)
+    return write_export(target, plan, model, **kwargs)
+
+
+def tensors(path) -> dict:
+    return {t.name: t for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request, tmp_path_factory):
+    """(arch, HF model, its F32 GGUF, a Q8_0 GGUF of it written by layerlab's export)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model = tiny_hf(request.param, layers=LAYERS)
+    f32 = write_tiny_gguf(model, request.param, folder / "f32.gguf")
+    q8 = export_gguf(f32, "all", folder / "q8.gguf", quant="Q8_0", changed=()).path
+    return request.param, model, f32, q8
+
+
+@torch.no_grad()
+def test_hf_to_gguf_to_hf_gives_the_same_logits(tiny):
+    arch, model, f32, _ = tiny
+    back, _ = load_file(f32)
+    assert (back(IDS).logits - model(IDS).logits).abs().max() <= 1e-5
+    for name, value in model.state_dict().items():  # exact, up to Gemma's norm +1/-1 rounding
+        assert torch.allclose(back.state_dict()[name], value, rtol=0, atol=1e-6), name
+
+
+def test_the_permutation_is_the_one_transformers_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weights = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
+    undo = LlamaTensorProcessor()._reverse_permute_weights
+    assert np.array_equal(undo(permute(weights, 8), 8, 8), weights)
+    assert np.array_equal(undo(permute(weights, 2), 8, 2), weights)  # keys: as many heads as KV heads
+    # within a head, rows 0..d/2-1 (first rotary half) and d/2..d-1 (second half) become interleaved pairs
+    head = permute(np.arange(16, dtype=np.float32)[:, None], 1)[:, 0]
+    assert head.tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+
+
+@torch.no_grad()
+def test_a_pruned_gguf_copies_untouched_tensors_bit_for_bit_and_gives_the_plans_logits(tiny, tmp_path):
+    arch, _, _, q8 = tiny
+    model, _ = load_file(q8)
+    result = export_gguf(q8, PLAN, tmp_path / "pruned.gguf", model=model)  # compares: nothing changed
+    assert {t.action for t in result.tensors} == {"copied"}
+    source, out = tensors(q8), tensors(result.path)
+    renumber = {f"blk.{new}.": f"blk.{new + 6}." for new in range(6)}
+    for name, tensor in out.items():
+        original = source[next((name.replace(n, o, 1) for n, o in renumber.items() if name.startswith(n)), name)]
+        assert tensor.tensor_type == original.tensor_type and bytes(tensor.data) == bytes(original.data), name
+    assert result.bytes == result.path.stat().st_size and result.ratio <= result.ideal_ratio + 0.01
+    pruned, _ = load_file(result.path)
+    with apply_plan(model, Plan.parse(PLAN, LAYERS)):
+        assert (pruned(IDS).logits - model(IDS).logits).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_changed_weights_are_found_and_quantized_back_to_the_source_type(tiny, tmp_path):
+    arch, _, _, q8 = tiny
+    model, _ = load_file(q8)
+    edited = model.model.layers[9].mlp.down_proj.weight
+    edited.add_(torch.randn_like(edited) * 0.01)
+    model.model.layers[9].post_attention_layernorm.weight.add_(0.05)
+    model.model.layers[2].mlp.up_proj.weight.add_(0.05)  # dropped by the plan: not written
+    result = export_gguf(q8, PLAN, tmp_path / "edited.gguf", model=model)
+    norm = "blk.3.ffn_norm.weight" if arch == "llama" else "blk.3.post_attention_norm.weight"
+    changed = {t.name: t for t in result.tensors if t.action != "copied"}
+    assert set(changed) == {"blk.3.ffn_down.weight", norm}  # layer 9 is the output's block 3
+    assert changed["blk.3.ffn_down.weight"].type == "Q8_0" and changed[norm].type == "F32"
+    written = tensors(result.path)["blk.3.ffn_down.weight"]
+    from gguf.quants import quantize
+
+    expected = quantize(edited.numpy().astype(np.float32), T.Q8_0)
+    assert bytes(written.data) == expected.tobytes()  # exactly the re-quantized edited weight
+    offset = 1.0 if arch == "gemma3" else 0.0
+    assert np.allclose(dequantize(tensors(result.path)[norm].data, T.F32),
+                       model.model.layers[9].post_attention_layernorm.weight.numpy() + offset, atol=1e-6)
+
+
+def test_an_explicit_set_of_changed_tensors_skips_the_comparison(tiny, tmp_path):
+    _, _, _, q8 = tiny
+    model, _ = load_file(q8)
+    result = export_gguf(q8, "all", tmp_path / "f32.gguf", quant="F32", model=model,
+                         changed={"blk.0.attn_q.weight"})
+    actions = {t.name: (t.action, t.type) for t in result.tensors}
+    assert actions["blk.0.attn_q.weight"] == ("rewritten", "F32")
+    assert actions["blk.0.attn_k.weight"] == ("requantized", "F32") and actions["blk.0.attn_norm.weight"][0] == "copied"
+
+
+@torch.no_grad()
+def test_requantizing_to_another_type_keeps_the_values_close(tiny, tmp_path):
+    _, _, f32, q8 = tiny
+    result = export_gguf(f32, "all", tmp_path / "q4.gguf", quant="Q4_0", changed=())
+    types = {t.name: t.type for t in result.tensors}
+    assert all(types[n] == ("F32" if "norm" in n else "Q4_0") for n in types)
+    assert result.bytes < 0.45 * f32.stat().st_size
+    q8_model, _ = load_file(q8)
+    q4_model, _ = load_file(result.path)
+    f32_model, _ = load_file(f32)
+    err = {name: (m(IDS).logits - f32_model(IDS).logits).abs().max().item() for name, m in
+           (("q8", q8_model), ("q4", q4_model))}
+    assert 0 < err["q8"] < err["q4"] < 1.0
+
+
+def test_closest_type_by_bits_per_weight():
+    numpy_types = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q5_1, T.Q5_0, T.Q4_1, T.Q4_0)
+    assert closest(T.Q4_K, (8, 256), numpy_types) == T.Q4_0  # 4.5 bits each
+    assert closest(T.Q6_K, (8, 256), numpy_types) == T.Q5_1  # 6.56: 6.0 is nearer than 8.5
+    assert closest(T.Q4_0, (8, 48), numpy_types) == T.F16  # 48 values per row fit no 32-blocks
+    assert closest(T.Q8_0, (8, 64), numpy_types) == T.Q8_0
+
+
+def test_mixed_precision_upgrades_embeddings_then_the_most_sensitive_layers_within_the_budget():
+    shape = (64, 256)
+    names = ["token_embd.weight", "output_norm.weight"] + [f"blk.{j}.{w}.weight" for j in range(4)
+                                                           for w in ("attn_q", "ffn_down", "attn_norm")]
+    spec = {n: ((256,) if "norm" in n else shape, T.F32) for n in names}
+    quant = Quant.parse("Q8_0/Q4_0@Q5_1")
+    targets = choose_types(quant, spec, importance={"blk.0": 0.1, "blk.1": 0.9, "blk.2": 0.5, "blk.3": 0.2})
+    kinds = {n: t.type for n, t in targets.items()}
+    # per 64x256 tensor (8 blocks a row): Q4_0 64*8*18 = 9216 bytes, Q5_1 64*8*24 = 12288, Q8_0 64*8*34 = 17408;
+    # budget: 9 tensors at Q5_1 = 110592; all at Q4_0 = 82944, and each upgraded tensor adds 8192:
+    # the embeddings (1 tensor) and blk.1 (2) fit (107520), blk.2 would not (123904)
+    assert kinds["token_embd.weight"] == kinds["blk.1.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == T.Q8_0
+    assert {kinds[f"blk.{j}.attn_q.weight"] for j in (0, 2, 3)} == {T.Q4_0}
+    assert kinds["blk.1.attn_norm.weight"] == T.F32 and kinds["output_norm.weight"] == T.F32
+    used = sum(tensor_bytes(kinds[n], spec[n][0]) for n in names if "norm" not in n)
+    assert used == 82944 + 3 * 8192 <= 9 * tensor_bytes(T.Q5_1, shape)
+
+
+def test_source_quant_keeps_each_type_and_says_when_it_cannot(monkeypatch):
+    monkeypatch.setattr("layerlab.export.quant.llama_cpp_available", lambda: False)
+    spec = {"blk.0.attn_q.weight": ((8, 256), T.Q4_K), "blk.0.ffn_down.weight": ((8, 256), T.Q6_K)}
+    targets = choose_types(Quant.parse("source"), spec, changed={"blk.0.attn_q.weight"})
+    assert targets["blk.0.attn_q.weight"].type == T.Q4_0 and "closest Q4_0" in targets["blk.0.attn_q.weight"].note
+    assert "layerlab[llamacpp]" in targets["blk.0.attn_q.weight"].note
+    assert targets["blk.0.ffn_down.weight"] == Target(T.Q6_K)  # unchanged: copied as it is
+
+
+def test_bad_settings_are_one_line_errors(monkeypatch):
+    with pytest.raises(QuantError, match="unknown quantization type 'Q7_0'.*choose from source"):
+        ExportSettings(quant="Q7_0")
+    with pytest.raises(ExportError, match="folder holds float weights: --quant Q4_0 needs --format gguf"):
+        ExportSettings(format="hf", quant="Q4_0")
+    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+        ExportSettings(format="onnx")
+    with pytest.raises(QuantError, match="HIGH must have more bits"):
+        ExportSettings(quant="Q4_0/Q8_0@Q5_0")
+    monkeypatch.setattr("layerlab.export.quant.llama_cpp_available", lambda: False)
+    with pytest.raises(QuantError, match=r"Q4_K_M is written by llama.cpp's quantizer.*'layerlab\[llamacpp\]'"):
+        ExportSettings(quant="Q4_K_M")
+    assert ExportSettings(format="hf", quant="bf16").quant.type.name == "BF16"
+
+
+def test_bad_exports_fail_before_any_work_and_write_nothing(tiny, tmp_path, tiny_folder):
+    _, _, f32, _ = tiny
+    with pytest.raises(PlanError, match="whole layers only"):
+        prepare_export(ExportSettings(), str(f32), Plan.parse("attn-skip:2", LAYERS), tmp_path / "a.gguf")
+    with pytest.raises(PlanError, match="written for 5 layers"):
+        prepare_export(ExportSettings(), str(f32), Plan.parse("skip:2", 5), tmp_path / "a.gguf")
+    with pytest.raises(ExportError, match="GGUF output reuses a GGUF source's tokenizer"):
+        prepare_export(ExportSettings(format="gguf"), str(tiny_folder), Plan.parse("skip:2", 6), tmp_path / "b")
+    (tmp_path / "c.gguf").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        prepare_export(ExportSettings(), str(f32), Plan.parse(PLAN, LAYERS), tmp_path / "c.gguf")
+    assert (tmp_path / "c.gguf").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]
+
+
+@torch.no_grad()
+def test_a_folder_export_keeps_the_sources_dtype_and_loads_in_plain_transformers(tmp_path, tiny_folder):
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.bfloat16).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_folder).save_pretrained(source)
+    model, tokenizer = layerlab.load(str(source))  # float32 in memory
+    plan = Plan.parse("skip:2", 6)
+    target = prepare_export(ExportSettings(), str(source), plan, tmp_path / "out")
+    result = write_export(target, plan, model, tokenizer)
+    assert result.format == "hf" and result.dtype == "torch.bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").eval()
+    assert exported.dtype == torch.bfloat16 and exported.config.num_hidden_layers == 5
+    with apply_plan(model, plan):
+        expected = model(IDS).logits
+    assert (exported.float()(IDS).logits - expected).abs().max() <= 1e-4  # bf16 values, upcast: the same model
+    assert result.ratio < 1 and result.parameters[1] < result.parameters[0]
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size < 2 * result.parameters[1] + 50_000  # 2 bytes each
+
+
+@torch.no_grad()
+def test_the_exported_gguf_loads_in_layerlab_and_is_measured_from_disk(tiny, tmp_path, monkeypatch):
+    arch, _, f32, _ = tiny
+    monkeypatch.setenv("LAYERLAB_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = load_file(f32)
+    result = export_gguf(f32, PLAN, tmp_path / "pruned.gguf", changed=())
+    loaded, _ = layerlab.load(str(result.path))
+    with apply_plan(model, Plan.parse(PLAN, LAYERS)):
+        expected = model(IDS).logits
+    assert (loaded(IDS).logits - expected).abs().max() <= 1e-5
+    settings = ArtifactSettings(ctx=32, windows=2, llama_cpp=False)
+    measured = measure_export(result, str(f32), settings, tokenizer=tokenizer)
+    from layerlab.corpora import read_text
+    from layerlab.evaluate.perplexity import perplexity
+
+    with apply_plan(model, Plan.parse(PLAN, LAYERS)):
+        in_memory = perplexity(model, tokenizer, read_text("wikitext2-test"), ctx=32, max_windows=2, progress=False)
+    assert measured["export"]["perplexity"]["perplexity"] == pytest.approx(in_memory.perplexity, rel=1e-5)
+    assert measured["export"]["bytes"] == result.bytes and measured["ratios"]["bytes"] == result.ratio
+
+
+def test_the_exported_gguf_runs_in_llama_cpp(tiny, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'layerlab[llamacpp]')")
+    import llama_cpp
+
+    arch, model, f32, _ = tiny
+    result = export_gguf(f32, PLAN, tmp_path / "pruned.gguf", changed=())
+    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(IDS[0].tolist())
+    with torch.no_grad(), apply_plan(model, Plan.parse(PLAN, LAYERS)):
+        expected = model(IDS).logits[0].numpy()
+    assert np.abs(np.asarray(llm.scores[:IDS.shape[1]]) - expected).max() <= 1e-2
