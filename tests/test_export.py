@@ -10,8 +10,8 @@ from tiny import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 import layerlab
-from layerlab import Plan, PlanError, apply_plan
-from layerlab.export.gguf import check_swa_pattern, prune_gguf
+from layerlab import Plan, apply_plan
+from layerlab.export.gguf import prune_gguf
 from layerlab.export.hf import export_hf
 from layerlab.io import OutputExistsError, atomic_write_text
 from layerlab.models import EMBEDDED
@@ -94,13 +94,6 @@ def test_outputs_get_the_permissions_of_plainly_created_ones(tmp_path):
     mode = lambda name: (tmp_path / name).stat().st_mode  # noqa: E731
     assert mode("out") == mode("plain") and mode("atomic.txt") == mode("plain.txt")
     assert (tmp_path / "out" / "config.json").stat().st_mode == mode("plain.txt")
-
-
-def test_gemma3_global_layers_must_keep_their_llama_cpp_positions():
-    check_swa_pattern("gemma3", Plan.parse("skip:6-11", 18))
-    check_swa_pattern("llama", Plan.parse("skip:3", 18))
-    with pytest.raises(PlanError, match="step 4 puts global layer 5 where llama.cpp expects a sliding-window layer"):
-        check_swa_pattern("gemma3", Plan.parse("skip:3", 18))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import layerlab
 from layerlab import Plan, PlanError, apply_plan
 from layerlab.evaluate.artifact import ArtifactSettings, load_file, measure_export
 from layerlab.export import ExportError, ExportSettings, prepare_export, write_export
+from layerlab.export.gguf import gguf_layer_types
 from layerlab.export.gguf_weights import permute
 from layerlab.export.quant import Quant, QuantError, Target, choose_types, closest, tensor_bytes
 from layerlab.io import OutputExistsError
@@ -249,3 +250,23 @@ def test_the_exported_gguf_runs_in_llama_cpp(tiny, tmp_path):
     with torch.no_grad(), apply_plan(model, Plan.parse(PLAN, LAYERS)):
         expected = model(IDS).logits[0].numpy()
     assert np.abs(np.asarray(llm.scores[:IDS.shape[1]]) - expected).max() <= 1e-2
+
+
+@torch.no_grad()
+def test_a_plan_that_moves_gemma3_global_layers_records_the_pattern_per_layer(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERLAB_CACHE", str(tmp_path / "cache"))
+    model = tiny_hf("gemma3", layers=LAYERS)
+    f32 = write_tiny_gguf(model, "gemma3", tmp_path / "f32.gguf")
+    plan = Plan.parse("skip:2,7", LAYERS)  # global layers 5 and 11 move to steps 4 and 9
+    aligned = export_gguf(f32, PLAN, tmp_path / "aligned.gguf", changed=())
+    moved = export_gguf(f32, plan.to_text(), tmp_path / "moved.gguf", changed=())
+    assert gguf_layer_types(aligned.path) is None  # every reader derives the right pattern from the index
+    types = gguf_layer_types(moved.path)
+    assert [j for j, kind in enumerate(types) if kind == "full_attention"] == [4, 9]
+    with apply_plan(model, plan):
+        expected = model(IDS).logits
+    for loaded in (layerlab.load(str(moved.path))[0], load_file(moved.path)[0]):
+        assert loaded.config.layer_types == types
+        assert (loaded(IDS).logits - expected).abs().max() <= 1e-5
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moved.gguf")  # the index-derived pattern
+    assert (plain(IDS).logits - expected).abs().max() > 1e-3  # differs: the check above can tell

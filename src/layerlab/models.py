@@ -120,9 +120,12 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .export.gguf import gguf_load_kwargs
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     **gguf_load_kwargs(gguf))
     except Exception as exc:  # transformers raises many kinds for unreadable files
         raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {str(exc).splitlines()[0]}") from None
     # The weights are already dequantized float tensors: save them as a plain model.

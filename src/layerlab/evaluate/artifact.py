@@ -56,13 +56,15 @@ def load_file(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float
     """`(model, tokenizer)` from a written file or folder, as a user would load it (no layerlab cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..export.gguf import gguf_load_kwargs
     from ..models import load
 
     path = Path(path)
     if not is_gguf(path):
         model, own = load(str(path), dtype=dtype)
         return model, tokenizer or own
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 **gguf_load_kwargs(path))
     model.hf_quantizer = None
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer

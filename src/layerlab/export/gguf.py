@@ -4,7 +4,11 @@
 step), `<arch>.block_count` becomes the number of steps, and every per-layer metadata array (an
 array under the architecture's namespace with one entry per layer) follows the plan. Gemma 3 is
 special: llama.cpp derives its sliding/global pattern from the layer index (every 6th layer is
-global), so a plan that would move a global layer to a sliding position, or the reverse, is refused.
+global) unless the file carries `<arch>.attention.sliding_window_pattern`, one flag per layer (true =
+sliding window), which recent llama.cpp reads (`load_swa_pattern`). A plan that keeps every layer's
+kind at its new index writes no array (every reader gets it right); one that moves a global layer
+gets the array, and `gguf_layer_types` gives transformers-based loaders (layerlab's) the same
+pattern, since transformers' GGUF loader ignores the array.
 
 Each output tensor has a target type (`quant.choose_types`). A tensor whose values did not change
 and whose type stays is copied as it is. Otherwise its values (the changed ones, or the source's
@@ -71,13 +75,21 @@ class GgufSource:
         return planned
 
     def check(self, plan: Plan) -> None:
-        """Refuse plans a GGUF cannot take: sublayer drops, the wrong layer count, a moved Gemma 3 global layer."""
+        """Refuse plans a GGUF cannot take: sublayer drops, the wrong layer count."""
         if not plan.whole_layers:
             raise PlanError("a GGUF export takes whole layers only; llama.cpp has no per-layer sublayer drops "
                             "(use --format hf)")
         if plan.num_layers != self.blocks:
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but {self.path} has {self.blocks}")
-        check_swa_pattern(self.arch, plan)
+
+    def sliding_pattern(self, plan: Plan) -> list[bool] | None:
+        """Per-step sliding-window flags to write when the plan moves a layer of an index-derived pattern."""
+        period = SWA_PATTERNS.get(self.arch)
+        key = f"{self.arch}.attention.sliding_window_pattern"
+        if period is None or key in self.reader.fields:
+            return None  # no pattern, or the file has its own array (re-indexed like every per-layer array)
+        sliding = [step.layer % period != period - 1 for step in plan.steps]
+        return None if sliding == [j % period != period - 1 for j in range(len(plan.steps))] else sliding
 
     def file_type(self) -> int | None:
         field = self.reader.fields.get("general.file_type")
@@ -99,19 +111,18 @@ def gguf_architecture(reader: GGUFReader) -> tuple[str, int]:
     return arch, int(reader.fields[f"{arch}.block_count"].contents())
 
 
-def check_swa_pattern(arch: str, plan: Plan) -> None:
-    """Refuse plans that change which layers llama.cpp treats as global (index-derived pattern)."""
-    period = SWA_PATTERNS.get(arch)
-    if period is None:
-        return
-    for new_index, step in enumerate(plan.steps):
-        if (step.layer % period == period - 1) != (new_index % period == period - 1):
-            kind = "global" if step.layer % period == period - 1 else "sliding-window"
-            raise PlanError(
-                f"step {new_index} puts {kind} layer {step.layer} where llama.cpp expects a "
-                f"{'global' if kind != 'global' else 'sliding-window'} layer ({arch} derives the pattern from the "
-                f"index: every {period}th layer is global); keep whole groups of {period}, e.g. 'skip:6-11'"
-            )
+def gguf_layer_types(path: str | Path) -> list[str] | None:
+    """The `layer_types` a file's per-layer sliding-window array describes (None without one).
+
+    transformers' GGUF loader derives Gemma 3's pattern from the index; a loader passes these
+    to the config instead, so a pruned file whose global layers moved loads as llama.cpp runs it.
+    """
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    field = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
+    if field is None:
+        return None
+    return ["sliding_attention" if flag else "full_attention" for flag in field.contents()]
 
 
 def write_gguf(source: GgufSource, plan: Plan, out: str | Path, targets: Mapping[str, Target] | None = None,
@@ -154,7 +165,7 @@ def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GG
     """One pass of the writer: copied tensors as they are, the others quantized (K-quant targets as F32)."""
     reader = source.reader
     writer = GGUFWriter(str(path), source.arch, endianess=reader.endianess)
-    _copy_metadata(reader, writer, source.arch, plan, file_type)
+    _copy_metadata(reader, writer, source.arch, plan, file_type, source.sliding_pattern(plan))
     jobs = []
     for name, tensor in planned:
         kind, copy = kinds[name], _copied(name, tensor, kinds, values)
@@ -175,7 +186,8 @@ def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GG
     writer.close()
 
 
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan, file_type: int | None) -> None:
+def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan, file_type: int | None,
+                   sliding: list[bool] | None) -> None:
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue  # written by GGUFWriter itself
@@ -191,6 +203,9 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan
         elif kind == GGUFValueType.ARRAY and field.name.startswith(f"{arch}.") and len(value) == plan.num_layers:
             value = [value[i] for i in plan.layers]
         writer.add_key_value(field.name, value, kind, sub_type=sub_type)
+    if sliding is not None:
+        writer.add_key_value(f"{arch}.attention.sliding_window_pattern", sliding, GGUFValueType.ARRAY,
+                             sub_type=GGUFValueType.BOOL)
 
 
 def _copied(name: str, tensor, kinds: Mapping[str, GGMLQuantizationType | None], values: Mapping) -> bool:
@@ -207,3 +222,17 @@ def _records(planned: list, targets: Mapping[str, Target], kinds: Mapping[str, G
         records.append(TensorRecord(name, tensor.tensor_type.name, types[name].name, action,
                                     targets.get(name, Target(None)).note))
     return records
+
+
+def gguf_load_kwargs(path: str | Path) -> dict:
+    """Extra `from_pretrained(..., gguf_file=...)` arguments that make transformers run the file as llama.cpp does:
+    a config carrying the file's per-layer sliding-window pattern, when it has one."""
+    types = gguf_layer_types(path)
+    if types is None:
+        return {}
+    from transformers import AutoConfig
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config.get_text_config(decoder=True).layer_types = types
+    return {"config": config}
