@@ -10,7 +10,10 @@ where it stopped instead of starting over:
    the evaluation text is never used to choose);
 4. evaluate: baseline, greedy plan and best one-shot plan side by side (`eval.json`);
 5. heal (optional): LoRA on the chosen plan, evaluated as one more row (`healed.json`, `healed/`);
-6. export: the chosen plan as a Hugging Face folder (`model/`);
+6. ship: the chosen plan (and the healed model) in the source's format and quantization: a GGUF
+   source gives `model.gguf` (and `model-healed.gguf`, its changed tensors re-quantized), a Hugging
+   Face source `model/` (and `model-healed/`) in its dtype; each file is then measured as loaded back
+   from disk next to the source (bytes, perplexity; llama.cpp's too when installed) (`shipped.json`);
 7. report: `report.html` (self-contained) and `report.json` (analysis/report.py).
 """
 
@@ -54,6 +57,8 @@ class PruneSettings:
     heal_text: str = "frankenstein"
     heal_settings: HealSettings = field(default_factory=HealSettings)
     export: bool = True
+    export_format: str | None = None  # None: the source's (layerlab.export.FORMATS)
+    quant: str = "source"  # layerlab.export.quant: source, a registry type or HIGH/LOW@BUDGET
 
     def budget(self, n_layers: int) -> Budget:
         """The search budget; `drop` is a share of the units of the granularity."""
@@ -72,8 +77,10 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     from .analysis.report import write_report
 
     settings = settings or PruneSettings()
-    out = _prepare(Path(out), resume, force)
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if settings.export:
+        _shipping_targets(source, Plan.identity(n_layers), Path(out), settings)  # bad settings fail before any work
+    out = _prepare(Path(out), resume, force)
     budget = settings.budget(n_layers)
     calibration = read_text(settings.calibration)
     scores = similarity(model, tokenizer, calibration, ctx=settings.calib_ctx, windows=settings.calib_windows,
@@ -94,17 +101,15 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     healed = _heal_row(model, tokenizer, chosen, out, settings, progress) if settings.heal else None
     if healed is not None:
         add_deltas([dict(evaluation["rows"][0]), healed])  # against the baseline row
-    if settings.export and not (out / "model" / "config.json").is_file():
-        from .export.hf import export_hf
-
-        export_hf(model, tokenizer, chosen, out / "model")
+    shipped = _ship(model, tokenizer, source, chosen, out, settings, scores, evaluation, healed) if settings.export \
+        else []
     data = {
         "model": source, "settings": _settings_dict(settings), "plan": chosen.to_text(), "chosen_by": chosen_by,
         "greedy_plan": found["greedy"][1], "removed": [t["removed"] for t in state.trace],
         "scores": scores.to_dict(), "search": asdict(state),
         "one_shot": one_shots, "best_one_shot": best_one_shot, "evaluation": evaluation, "healed": healed,
         "candidates": _candidate_points(model, state, one_shots, n_layers),
-        "exported": str(out / "model") if settings.export else None,
+        "exported": shipped[0]["path"] if shipped else None, "shipped": shipped,
     }
     write_report(model, tokenizer, data, scores, out)
     return data
@@ -159,6 +164,56 @@ def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, 
         return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
 
     return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)
+
+
+def _shipping_targets(source: str, plan: Plan, out: Path, settings: PruneSettings) -> dict:
+    """Where the plain and healed models go, checked before any model work (format, quant, writer)."""
+    from .export import ExportSettings, prepare_export
+
+    shipping = ExportSettings(format=settings.export_format, quant=settings.quant, force=True)
+    names = ["model"] + (["model-healed"] if settings.heal else [])
+    first = prepare_export(shipping, source, plan, out / names[0], rewrites=settings.heal)
+    suffix = ".gguf" if first.format == "gguf" else ""
+    return {name: prepare_export(shipping, source, plan, out / f"{name}{suffix}", rewrites=name != "model")
+            for name in names}
+
+
+def _ship(model, tokenizer, source: str, plan: Plan, out: Path, settings: PruneSettings, scores: Similarity,
+          evaluation: dict, healed: dict | None) -> list[dict]:
+    """Write the chosen plan (and the healed model) in the source's format and quantization, measure each file
+    from disk next to the source, and add a `file` entry to the evaluation rows (`shipped.json` on resume)."""
+    from .evaluate.artifact import ArtifactSettings, measure_exports
+    from .export import write_card, write_export
+    from .models import load
+
+    ev = settings.evaluation
+    measuring = ArtifactSettings(text=ev.ppl_text, ctx=ev.ctx, windows=ev.ppl_windows, speed_rounds=ev.speed_rounds)
+
+    def compute() -> list[dict]:
+        targets = _shipping_targets(source, plan, out, settings)
+        importance = [scores.block_influence[step.layer] for step in plan.steps]  # mixed precision: BI ranks layers
+        results = {"model": write_export(targets["model"], plan, model, tokenizer, changed=(), importance=importance)}
+        if "model-healed" in targets:  # the merged LoRA weights: changed tensors found and re-quantized
+            healed_model, _ = load(str(out / "healed"))
+            results["model-healed"] = write_export(targets["model-healed"], plan, healed_model, tokenizer,
+                                                   materialized=True, importance=importance)
+        measured = measure_exports(results, source, measuring, tokenizer)
+        for name, result in results.items():
+            write_card(result, source, plan, measured[name])
+        return [{"name": name, **result.to_dict(), "measured": measured[name]} for name, result in results.items()]
+
+    shipped = _cached(out / "shipped.json", [plan.to_text(), settings.export_format or "", settings.quant,
+                                              repr(settings.heal_settings) if settings.heal else ""], compute)
+    rows = {"model": next(r for r in evaluation["rows"] if r["plan"] == plan.to_text()), "model-healed": healed}
+    evaluation["rows"][0]["file"] = {"bytes": shipped[0]["source_bytes"], "ratio": 1.0,
+                                     "perplexity": shipped[0]["measured"]["source"]["perplexity"]["perplexity"]}
+    for record in shipped:
+        row = rows[record["name"]]
+        row["file"] = {"path": record["path"], "bytes": record["bytes"], "ratio": record["ratio"],
+                       "ideal_ratio": record["ideal_ratio"],
+                       "perplexity": record["measured"]["export"]["perplexity"]["perplexity"],
+                       "llama_cpp": record["measured"]["ratios"]}
+    return shipped
 
 
 def _candidate_points(model, state: SearchState, one_shots: list[dict], n_layers: int) -> list[dict]:

@@ -181,28 +181,37 @@ def measure_files(files: dict[str, Path], settings: ArtifactSettings | None = No
     return rows
 
 
-def measure_export(result, source: str, settings: ArtifactSettings | None = None, tokenizer=None) -> dict:
-    """The exported file next to its source, both as on disk: `{"source", "export", "settings", "ratios"}`.
-
-    The source is measured from its own file when it is a local GGUF or folder; a hub id is loaded
-    with `layerlab.load`.
-    """
+def measure_exports(results: dict, source: str, settings: ArtifactSettings | None = None, tokenizer=None) -> dict:
+    """Each exported file next to its source, all as on disk and measured side by side (llama.cpp's decode
+    runs alternate over all of them): `{name: {"source", "export", "settings", "ratios"}}` for `results`,
+    a dict of name -> `ExportResult`. A hub-id source is loaded with `layerlab.load`."""
     from ..models import resolve_source
 
     settings = settings or ArtifactSettings()
     resolved = resolve_source(source)
-    files = {"source": resolved if isinstance(resolved, Path) else Path(str(resolved)), "export": Path(result.path)}
+    files = {"source": resolved if isinstance(resolved, Path) else Path(str(resolved))}
+    files |= {name: Path(result.path) for name, result in results.items()}
     rows = measure_files(files, settings, tokenizer)
-    ratios = {"bytes": result.ratio,
-              "perplexity": rows["export"]["perplexity"]["perplexity"] / rows["source"]["perplexity"]["perplexity"]}
-    if "llama_cpp" in rows["source"] and "llama_cpp" in rows["export"]:
-        a, b = rows["source"]["llama_cpp"], rows["export"]["llama_cpp"]
+    return {name: {"source": rows["source"], "export": rows[name], "settings": asdict(settings),
+                   "ratios": _ratios(rows["source"], rows[name], result.ratio)} for name, result in results.items()}
+
+
+def measure_export(result, source: str, settings: ArtifactSettings | None = None, tokenizer=None) -> dict:
+    """One exported file next to its source: `{"source", "export", "settings", "ratios"}`."""
+    return measure_exports({"export": result}, source, settings, tokenizer)["export"]
+
+
+def _ratios(source: dict, export: dict, size_ratio: float | None) -> dict:
+    ppl = export["perplexity"]["perplexity"] / source["perplexity"]["perplexity"]
+    ratios = {"bytes": size_ratio, "perplexity": ppl}
+    if "llama_cpp" in source and "llama_cpp" in export:
+        a, b = source["llama_cpp"], export["llama_cpp"]
         ratios["llama_cpp_perplexity"] = b["perplexity"] / a["perplexity"]
-        if "decode_tokens_per_s" in a:  # paired by round: both ran back to back
+        if "decode_samples" in a:  # paired by round: both ran back to back
             paired = [y / x for x, y in zip(a["decode_samples"], b["decode_samples"], strict=True)]
             ratios["llama_cpp_decode"] = statistics.median(paired)
             ratios["llama_cpp_decode_range"] = [min(paired), max(paired)]
-    return {**rows, "settings": asdict(settings), "ratios": ratios}
+    return ratios
 
 
 def _bytes(path: Path) -> int | None:

@@ -124,7 +124,7 @@ def prepare_export(settings: ExportSettings, source: str, plan: Plan, out: str |
         check_output(card, folder=False, force=settings.force)
     gguf = None
     if fmt == "gguf":
-        gguf = GgufSource(local)
+        gguf = GgufSource.open(local)
         gguf.check(plan)
         if rewrites:
             gguf_arch(gguf.arch)
