@@ -27,8 +27,8 @@ LAYERS = 12
 PLAN = "skip:0-5"  # a whole group of six: Gemma 3's global layers keep their llama.cpp positions
 
 
-def export_gguf(source, plan_text, out, quant="source", model=None, **kwargs):
-    plan = Plan.parse(plan_text, LAYERS)
+def export_gguf(source, plan_text, out, quant="source", model=None, layers=LAYERS, **kwargs):
+    plan = Plan.parse(plan_text, layers)
     target = prepare_export(ExportSettings(quant=quant), str(source), plan, out)
     return write_export(target, plan, model, **kwargs)
 
@@ -270,3 +270,77 @@ def test_a_plan_that_moves_gemma3_global_layers_records_the_pattern_per_layer(tm
         assert (loaded(IDS).logits - expected).abs().max() <= 1e-5
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moved.gguf")  # the index-derived pattern
     assert (plain(IDS).logits - expected).abs().max() > 1e-3  # differs: the check above can tell
+
+
+def test_the_main_job_ships_a_gguf_source_as_gguf_with_healed_tensors_requantized(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from layerlab.heal import HealSettings
+    from layerlab.prune import QUICK_EVAL, PruneSettings, prune
+
+    monkeypatch.setenv("LAYERLAB_CACHE", str(tmp_path / "cache"))
+    f32 = write_tiny_gguf(tiny_hf("llama", layers=6), "llama", tmp_path / "f32.gguf")
+    q8 = export_gguf(f32, "all", tmp_path / "q8.gguf", quant="Q8_0", changed=(), layers=6).path
+    model, tokenizer = layerlab.load(str(q8))
+    settings = PruneSettings(layers=2, calib_ctx=32, calib_windows=2, heal=True,
+                             heal_settings=HealSettings(steps=2, ctx=32, batch_size=2),
+                             evaluation=replace(QUICK_EVAL, ctx=32, ppl_windows=2, mc_items=4, max_new_tokens=4,
+                                                speed_rounds=1, speed_prompt_tokens=16, speed_decode_tokens=4))
+    data = prune(model, tokenizer, str(q8), tmp_path / "out", settings, progress=False)
+    shipped = {r["name"]: r for r in data["shipped"]}
+    assert data["exported"] == str(tmp_path / "out" / "model.gguf")
+    plain, healed = shipped["model"], shipped["model-healed"]
+    assert plain["format"] == "gguf" and plain["tensors"] == [] and plain["ratio"] <= plain["ideal_ratio"] + 0.01
+    rewritten = {t["name"]: t for t in healed["tensors"]}
+    assert rewritten and all(t["action"] == "rewritten" and t["type"] == "Q8_0" for t in rewritten.values())
+    assert all(name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                              "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")) for name in rewritten)
+    chosen = next(r for r in data["evaluation"]["rows"] if r["plan"] == data["plan"])
+    assert chosen["file"]["perplexity"] == pytest.approx(chosen["ppl"]["perplexity"], rel=1e-4)  # nothing changed
+    assert data["healed"]["file"]["perplexity"] == pytest.approx(data["healed"]["ppl"]["perplexity"], rel=0.02)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["shipped"][0]["bytes"] == (tmp_path / "out" / "model.gguf").stat().st_size
+    assert "bytes on disk" in (tmp_path / "out" / "model.md").read_text()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("name, plan_text", [("smollm2-135m", "skip:3,12-15,25"), ("gemma3-270m", "skip:2,9")])
+def test_real_models_written_from_their_hf_weights_at_f32_give_the_plans_logits(name, plan_text, tmp_path, request):
+    """HF -> GGUF -> HF on the real models: every tensor rewritten from the loaded (float) model, through the
+    Q/K permutation (SmolLM2) or the norm offset (Gemma 3), loads back with the plan's logits."""
+    from layerlab.export.gguf import GgufSource
+    from layerlab.models import resolve_source
+
+    model, tokenizer = request.getfixturevalue(name.split("-")[0])
+    plan = Plan.parse(plan_text, model.config.num_hidden_layers)
+    target = prepare_export(ExportSettings(quant="F32"), name, plan, tmp_path / "f32.gguf")
+    every = [n for n, _ in GgufSource.open(resolve_source(name)).planned(plan)]
+    result = write_export(target, plan, model, changed=every)
+    assert {t.action for t in result.tensors} == {"rewritten"}
+    back, _ = load_file(result.path, tokenizer)
+    x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    with apply_plan(model, plan):
+        expected = model(x).logits
+    assert (back(x).logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_embedded_smollm2_pruned_at_its_own_q4_1(smollm2, tmp_path):
+    from layerlab.models import EMBEDDED
+
+    model, tokenizer = smollm2
+    plan = Plan.parse("skip:3,12-15,25", 30)
+    target = prepare_export(ExportSettings(), "smollm2-135m", plan, tmp_path / "model.gguf")
+    result = write_export(target, plan, model)  # compares every kept tensor with the source: none changed
+    assert {t.action for t in result.tensors} == {"copied"}
+    assert result.ratio <= result.ideal_ratio + 0.01
+    source = tensors(EMBEDDED["smollm2-135m"].locate())
+    for name, tensor in tensors(result.path).items():
+        if name.startswith("blk.0.") or not name.startswith("blk."):
+            assert bytes(tensor.data) == bytes(source[name].data)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").eval()  # plain transformers
+    x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
+    with apply_plan(model, plan):
+        assert (back(x).logits - model(x).logits).abs().max() <= 1e-4
