@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerlab
 from layerlab import Plan, PlanError, apply_plan
-from layerlab.evaluate.artifact import ArtifactSettings, load_file, measure_export
+from layerlab.evaluate.artifact import ArtifactSettings, llama_cpp_available, load_file, measure_export
 from layerlab.export import ExportError, ExportSettings, prepare_export, write_export
 from layerlab.export.gguf import gguf_layer_types
 from layerlab.export.gguf_weights import permute
@@ -239,17 +239,66 @@ def test_the_exported_gguf_loads_in_layerlab_and_is_measured_from_disk(tiny, tmp
     assert measured["export"]["bytes"] == result.bytes and measured["ratios"]["bytes"] == result.ratio
 
 
-def test_the_exported_gguf_runs_in_llama_cpp(tiny, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'layerlab[llamacpp]')")
+def llama_cpp_logits(path) -> np.ndarray:
     import llama_cpp
 
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(IDS[0].tolist())
+    logits = np.asarray(llm.scores[:IDS.shape[1]]).copy()
+    llm.close()
+    return logits
+
+
+def test_the_exported_gguf_runs_in_llama_cpp(tiny, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'layerlab[llamacpp]')")
     arch, model, f32, _ = tiny
     result = export_gguf(f32, PLAN, tmp_path / "pruned.gguf", changed=())
-    llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=64, logits_all=True, verbose=False)
-    llm.eval(IDS[0].tolist())
     with torch.no_grad(), apply_plan(model, Plan.parse(PLAN, LAYERS)):
         expected = model(IDS).logits[0].numpy()
-    assert np.abs(np.asarray(llm.scores[:IDS.shape[1]]) - expected).max() <= 1e-2
+    assert np.abs(llama_cpp_logits(result.path) - expected).max() <= 1e-3
+
+
+def k_quant_source(tmp_path):
+    """A tiny Llama (rows of 256: whole K-quant blocks) written at llama.cpp's Q4_K_M mixture."""
+    model = tiny_hf("llama", layers=LAYERS, hidden=256)
+    f32 = write_tiny_gguf(model, "llama", tmp_path / "f32-256.gguf")
+    return model, f32, export_gguf(f32, "all", tmp_path / "q4km.gguf", quant="Q4_K_M", changed=())
+
+
+@torch.no_grad()
+def test_k_quants_are_written_by_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'layerlab[llamacpp]')")
+    model, f32, mixture = k_quant_source(tmp_path)
+    kinds = {t.name: t.type for t in mixture.tensors}
+    assert {kinds[n] for n in kinds if "norm" in n} == {"F32"}
+    assert {"Q4_K", "Q6_K"} <= set(kinds.values())  # llama.cpp's mixture: some tensors get more bits
+    assert all(t.action == "requantized" for t in mixture.tensors if t.type != "F32")
+    with apply_plan(model, Plan.parse(PLAN, LAYERS)):
+        expected = model(IDS).logits
+    error = {}
+    for quant in ("Q8_0", "Q6_K", "Q4_0"):  # 8.5, 6.56 and 4.5 bits per weight
+        written = export_gguf(f32, PLAN, tmp_path / f"{quant}.gguf", quant=quant, changed=())
+        assert {t.type for t in written.tensors if "norm" not in t.name} == {quant}
+        error[quant] = (load_file(written.path)[0](IDS).logits - expected).abs().mean().item()
+    assert error["Q8_0"] < error["Q6_K"] < error["Q4_0"]
+
+
+@torch.no_grad()
+def test_changed_tensors_go_back_to_their_k_quant_and_the_rest_is_copied(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'layerlab[llamacpp]')")
+    _, _, source = k_quant_source(tmp_path)
+    model, _ = load_file(source.path)
+    model.model.layers[8].self_attn.o_proj.weight.mul_(1.1)
+    result = export_gguf(source.path, PLAN, tmp_path / "edited.gguf", model=model)
+    changed = [t for t in result.tensors if t.action != "copied"]
+    assert [(t.name, t.action) for t in changed] == [("blk.2.attn_output.weight", "rewritten")]
+    before = tensors(source.path)
+    assert changed[0].type == before["blk.8.attn_output.weight"].tensor_type.name  # its source K type
+    for name, tensor in tensors(result.path).items():
+        if name != "blk.2.attn_output.weight":
+            original = before[name.replace(f"blk.{name.split('.')[1]}.", f"blk.{int(name.split('.')[1]) + 6}.")
+                              if name.startswith("blk.") else name]
+            assert bytes(tensor.data) == bytes(original.data), name
 
 
 @torch.no_grad()
@@ -270,6 +319,8 @@ def test_a_plan_that_moves_gemma3_global_layers_records_the_pattern_per_layer(tm
         assert (loaded(IDS).logits - expected).abs().max() <= 1e-5
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="moved.gguf")  # the index-derived pattern
     assert (plain(IDS).logits - expected).abs().max() > 1e-3  # differs: the check above can tell
+    if llama_cpp_available():  # llama.cpp reads the per-layer array
+        assert np.abs(llama_cpp_logits(moved.path) - expected[0].numpy()).max() <= 1e-3
 
 
 def test_the_main_job_ships_a_gguf_source_as_gguf_with_healed_tensors_requantized(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ def tiny_hf(arch: str, layers: int = 6, seed: int = 0, hidden: int = 64):
     else:  # gemma3: one rope base for every layer and the default 5 sliding : 1 global pattern, as transformers reads
         rope = {"rope_type": "default", "rope_theta": 10000.0}
         config = Gemma3TextConfig(**sizes, num_hidden_layers=layers, head_dim=hidden // 4, sliding_window=4,
+                                  query_pre_attn_scalar=hidden // 4,  # llama.cpp scales by 1/sqrt(head_dim)
                                   rope_parameters={"full_attention": rope, "sliding_attention": dict(rope)})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms away from their init value, so a missing +1 or permutation shows

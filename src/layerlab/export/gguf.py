@@ -137,8 +137,25 @@ def gguf_layer_types(path: str | Path) -> list[str] | None:
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
+@dataclass(frozen=True)
+class GgufIndex:
+    """What a quick scan of a GGUF file's header finds: the wanted metadata, tensor infos, where data starts."""
+
+    fields: dict[str, object]
+    tensors: dict[str, tuple[tuple[int, ...], GGMLQuantizationType]]  # name -> (numpy shape, type)
+    data_offset: int
+
+    def tensor_bytes(self) -> int:
+        return sum(tensor_bytes(kind, shape) for shape, kind in self.tensors.values())
+
+
 def read_metadata(path: str | Path, wanted) -> dict[str, object]:
-    """The metadata values whose key `wanted(key)` accepts, read without GGUFReader.
+    """The metadata values whose key `wanted(key)` accepts (see `scan_gguf`)."""
+    return scan_gguf(path, wanted).fields
+
+
+def scan_gguf(path: str | Path, wanted=lambda key: False) -> GgufIndex:
+    """Read a GGUF header without GGUFReader: the metadata `wanted(key)` accepts, and every tensor's info.
 
     GGUFReader builds a numpy view for every string of the vocabulary (about 10 s for SmolLM2's, 40 s
     for Gemma 3's); skipping over what is not wanted takes a fraction of a second.
@@ -173,15 +190,29 @@ def read_metadata(path: str | Path, wanted) -> dict[str, object]:
 
         if data[:4] != b"GGUF":
             raise PlanError(f"{path} is not a GGUF file")
-        kv_count, offset = scalar("Q", 16)
-        found = {}
+        tensor_count, offset = scalar("Q", 8)
+        kv_count, offset = scalar("Q", offset)
+        fields: dict[str, object] = {}
+        alignment = 32
         for _ in range(kv_count):
             key, offset = string(offset)
             kind, offset = scalar("I", offset)
-            got, offset = value(kind, offset, wanted(key))
+            keep = wanted(key) or key == "general.alignment"
+            got, offset = value(kind, offset, keep)
+            if key == "general.alignment":
+                alignment = int(got)
             if wanted(key):
-                found[key] = got
-        return found
+                fields[key] = got
+        tensors = {}
+        for _ in range(tensor_count):
+            name, offset = string(offset)
+            dims, offset = scalar("I", offset)
+            shape = struct.unpack_from(f"<{dims}Q", data, offset)
+            offset += 8 * dims
+            kind, offset = scalar("I", offset)
+            offset += 8  # the tensor's offset within the data section
+            tensors[name] = (tuple(reversed(shape)), GGMLQuantizationType(kind))
+        return GgufIndex(fields, tensors, offset + (-offset) % alignment)
 
 
 def write_gguf(source: GgufSource, plan: Plan, out: str | Path, targets: Mapping[str, Target] | None = None,
