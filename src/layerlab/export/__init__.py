@@ -162,6 +162,8 @@ def _write_gguf(target: ExportTarget, plan: Plan, model, materialized: bool, cha
     from .quant import choose_types
 
     source, quant = target.gguf, target.settings.quant
+    if quant.kind == "uniform" and quant.type.tensor is None and source.file_type() == quant.type.ftype:
+        quant = Quant("source")  # the source's own llama.cpp mixture: keep its tensors, do not quantize twice
     planned = source.planned(plan)
     values = {}
     wanted = None if changed is None else set(changed)
