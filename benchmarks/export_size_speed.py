@@ -1,11 +1,11 @@
 """File size, peak memory and llama.cpp decode speed of an original and a pruned GGUF, side by side.
 
 The pruned file drops whole layers (default: 6 of SmolLM2's 30, those with the lowest Block
-Influence; any 6 give the same size and speed). Each measurement runs llama.cpp (llama-cpp-python)
-in a fresh process that reports its decode tokens/s and its peak resident memory (VmHWM); original
-and pruned alternate over several rounds and the medians are compared. Every ratio is printed next
-to the ideal that the removed share of the weights implies (decode on CPU reads every weight once
-per token).
+Influence; any 6 give the same size and speed). Each measurement runs llama.cpp (llama-cpp-python;
+`layerlab.evaluate.artifact.llama_cpp_decode`) in a fresh process that reports its decode tokens/s
+and its peak resident memory (VmHWM); original and pruned alternate over several rounds and the
+medians are compared. Every ratio is printed next to the ideal that the removed share of the weights
+implies (decode on CPU reads every weight once per token).
 
     python benchmarks/export_size_speed.py [--model smollm2-135m] [--plan skip:3,12-15,25] [--rounds 5]
 """
@@ -13,44 +13,15 @@ per token).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from gguf import GGUFReader
 
 from layerlab import Plan
+from layerlab.evaluate.artifact import llama_cpp_decode
 from layerlab.export.gguf import prune_gguf
 from layerlab.models import EMBEDDED
-
-CHILD = r"""
-import json, sys, time
-import numpy as np
-import llama_cpp
-path, tokens = sys.argv[1], int(sys.argv[2])
-llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
-prompt = llm.tokenize(b"Once upon a time, in a small village by the sea,", add_bos=True)
-def last_logits():  # the context's logits of the last token (eval() keeps none without logits_all)
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-llm.eval(prompt)
-token = int(np.argmax(last_logits()))
-start = time.perf_counter()
-for _ in range(tokens):
-    llm.eval([token])
-    token = int(np.argmax(last_logits()))
-seconds = time.perf_counter() - start
-peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"tokens_per_s": tokens / seconds, "peak_mb": peak / 1024}))
-"""
-
-
-def measure(path: Path, tokens: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tokens)], check=True, capture_output=True,
-                         text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def block_bytes(path: Path) -> tuple[int, dict[int, int]]:
@@ -77,16 +48,10 @@ def main() -> None:
     kept = sum(blocks[layer] for layer in plan.layers) + total - sum(blocks.values())
     with tempfile.TemporaryDirectory() as folder:
         pruned = prune_gguf(source, plan, Path(folder) / "pruned.gguf")
-        runs: dict[str, list[dict]] = {"original": [], "pruned": []}
-        for index in range(args.rounds + 1):  # round 0 warms the page cache and is discarded
-            order = [("original", source), ("pruned", pruned)][:: 1 if index % 2 else -1]
-            for name, path in order:
-                result = measure(path, args.tokens)
-                if index:
-                    runs[name].append(result)
+        runs = llama_cpp_decode({"original": source, "pruned": pruned}, args.rounds, args.tokens, threads=2)
         sizes = {"original": source.stat().st_size, "pruned": pruned.stat().st_size}
-    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-    peak = {k: statistics.median(r["peak_mb"] for r in v) for k, v in runs.items()}
+    speed = {k: v["decode_tokens_per_s"] for k, v in runs.items()}
+    peak = {k: v["peak_mb"] for k, v in runs.items()}
     ideal = kept / total
     print(f"{args.model}: plan {plan} ({len(plan.steps)} of {plan.num_layers} layers); removed share of the "
           f"weight bytes {1 - ideal:.1%}; {args.tokens} decode tokens, {args.rounds} alternating rounds, llama.cpp")

@@ -2,9 +2,9 @@
 
 llama.cpp's `perplexity` tool cuts the tokens into non-overlapping chunks of n_ctx, puts BOS first in
 each chunk when the vocabulary asks for BOS, and scores the second half of every chunk; it is
-reproduced here through llama-cpp-python's logits, and layerlab runs with `llama_cpp=True`, which
-scores the same tokens. Each side uses its own tokenizer, as each tool would. Needs
-`pip install llama-cpp-python` (builds from source, about 8 minutes on 2 cores).
+reproduced through llama-cpp-python's logits (`layerlab.evaluate.artifact.llama_cpp_perplexity`), and
+layerlab runs with `llama_cpp=True`, which scores the same tokens. Each side uses its own tokenizer,
+as each tool would. Needs `pip install 'layerlab[llamacpp]'` (builds from source, about 8 minutes on 2 cores).
 
     python benchmarks/ppl_vs_llamacpp.py [--model smollm2-135m] [--text wikitext2-test] [--ctx 512] [--chunks N]
 """
@@ -12,40 +12,15 @@ scores the same tokens. Each side uses its own tokenizer, as each tool would. Ne
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import numpy as np
 import torch
 
 import layerlab
 from layerlab.corpora import read_text
+from layerlab.evaluate.artifact import llama_cpp_perplexity
 from layerlab.evaluate.perplexity import perplexity
 from layerlab.models import EMBEDDED, resolve_source
-
-
-def llama_cpp_perplexity(gguf: str, text: str, ctx: int, chunks: int | None,
-                         threads: int | None = None) -> tuple[float, int, int]:
-    """Perplexity, scored tokens and chunks, computed the way llama.cpp's perplexity tool does."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False, n_threads=threads)
-    add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)  # adds BOS only if add_bos
-    count = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
-    first, nll, scored = ctx // 2, 0.0, 0
-    for i in range(count):
-        chunk = tokens[i * ctx:(i + 1) * ctx]
-        if add_bos:
-            chunk = [llm.token_bos()] + chunk[1:]
-        llm.reset()
-        llm.eval(chunk)
-        logits = np.asarray(llm.scores[first:ctx - 1], dtype=np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= logprobs[np.arange(len(logits)), chunk[first + 1:ctx]].sum()
-        scored += len(logits)
-    return math.exp(nll / scored), scored, count
 
 
 def main() -> None:

@@ -163,13 +163,13 @@ def llama_cpp_available() -> bool:
 
 
 def measure_files(files: dict[str, Path], settings: ArtifactSettings | None = None, tokenizer=None) -> dict:
-    """Every file's bytes and layerlab perplexity, and for GGUF files llama.cpp's perplexity and decode speed
-    (measured side by side), keyed like `files`."""
+    """Every file's bytes and layerlab perplexity, and when every file is a GGUF llama.cpp's perplexity and
+    decode speed (measured side by side), keyed like `files`."""
     settings = settings or ArtifactSettings()
     rows = {name: {"path": str(path), "bytes": _bytes(Path(path)),
                    "perplexity": file_perplexity(path, settings, tokenizer)} for name, path in files.items()}
     ggufs = {name: Path(path) for name, path in files.items() if is_gguf(Path(path))}
-    if settings.llama_cpp and ggufs and llama_cpp_available():
+    if settings.llama_cpp and len(ggufs) == len(files) and llama_cpp_available():  # side by side, or not at all
         text = read_text(settings.text)
         for name, path in ggufs.items():
             ppl, tokens, chunks = llama_cpp_perplexity(path, text, settings.ctx, settings.windows, settings.threads)
