@@ -177,6 +177,8 @@ def test_bad_settings_are_one_line_errors(monkeypatch):
         ExportSettings(format="onnx")
     with pytest.raises(QuantError, match="HIGH must have more bits"):
         ExportSettings(quant="Q4_0/Q8_0@Q5_0")
+    with pytest.raises(QuantError, match="needs a byte budget"):
+        ExportSettings(quant="Q8_0/Q4_0")
     monkeypatch.setattr("layerlab.export.quant.llama_cpp_available", lambda: False)
     with pytest.raises(QuantError, match=r"Q4_K_M is written by llama.cpp's quantizer.*'layerlab\[llamacpp\]'"):
         ExportSettings(quant="Q4_K_M")

@@ -65,7 +65,6 @@ def load_file(path: str | Path, tokenizer=None, dtype: torch.dtype = torch.float
         return model, tokenizer or own
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                  **gguf_load_kwargs(path))
-    model.hf_quantizer = None
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
 

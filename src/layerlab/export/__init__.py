@@ -132,20 +132,19 @@ def prepare_export(settings: ExportSettings, source: str, plan: Plan, out: str |
 
 
 def write_export(target: ExportTarget, plan: Plan, model=None, tokenizer=None, materialized: bool = False,
-                 changed: Iterable[str] | None = None, importance: Sequence[float] | None = None,
-                 source_dtype: torch.dtype | None = None) -> ExportResult:
+                 changed: Iterable[str] | None = None, importance: Sequence[float] | None = None) -> ExportResult:
     """Write the plan's model; measure nothing.
 
     `model` is the source's model with `plan` to apply, or with `materialized=True` a model whose
     layers already are the plan's steps (a healed model). For a GGUF, its weights are compared with
     the source's dequantized tensors to find the changed ones, unless `changed` names them (an
     empty set: nothing changed, no model needed). `importance` (one score per step, higher = more
-    sensitive) ranks layers for mixed precision. `source_dtype` is the Hugging Face source's dtype.
+    sensitive) ranks layers for mixed precision. A folder is written in the source's dtype.
     """
     if target.format == "gguf":
         result = _write_gguf(target, plan, model, materialized, changed, importance)
     else:
-        result = _write_hf(target, plan, model, tokenizer, materialized, source_dtype)
+        result = _write_hf(target, plan, model, tokenizer, materialized)
     atomic_write_text(result.card, card_text(target.source, plan, result), force=True)
     return result
 
@@ -204,14 +203,13 @@ def _llama_ftype(quant: Quant, source: GgufSource) -> int | None:
     return file_type if file_type is not None and file_type not in floats else None
 
 
-def _write_hf(target: ExportTarget, plan: Plan, model, tokenizer, materialized: bool,
-              source_dtype: torch.dtype | None) -> ExportResult:
+def _write_hf(target: ExportTarget, plan: Plan, model, tokenizer, materialized: bool) -> ExportResult:
     from .hf import materialize, save_folder
 
     if model is None or tokenizer is None:
         raise ExportError("a Hugging Face export needs the loaded model and tokenizer")
     quant = target.settings.quant
-    dtype = _hf_dtype(quant, target, source_dtype)
+    dtype = _hf_dtype(quant, target)
     source_params = None if materialized else sum(p.numel() for p in model.parameters())
     new = model if materialized else materialize(model, plan)
     if new.dtype != dtype:
@@ -222,25 +220,16 @@ def _write_hf(target: ExportTarget, plan: Plan, model, tokenizer, materialized: 
                         None, (source_params, sum(p.numel() for p in new.parameters())), dtype=str(dtype))
 
 
-def _hf_dtype(quant: Quant, target: ExportTarget, source_dtype: torch.dtype | None) -> torch.dtype:
+def _hf_dtype(quant: Quant, target: ExportTarget) -> torch.dtype:
     """The folder's dtype: the one asked for, else the source's (a GGUF source: float32, its exact values)."""
+    from transformers import AutoConfig
+
     if quant.kind == "uniform":
         return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[quant.type.name]
-    if source_dtype is not None:
-        return source_dtype
-    return hf_source_dtype(target.source_path) if target.source_path is not None and target.source_path.is_dir() \
-        else torch.float32
-
-
-def hf_source_dtype(folder: Path) -> torch.dtype:
-    """The dtype a Hugging Face folder's config declares (float32 when it declares none)."""
-    import json
-
-    config = json.loads((folder / "config.json").read_text())
-    text = config.get("text_config", config)
-    name = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
-        else torch.float32
+    if target.source_path is not None and target.source_path.suffix.lower() == ".gguf":
+        return torch.float32
+    declared = AutoConfig.from_pretrained(str(target.source_path or target.source)).dtype  # the config's dtype
+    return declared if isinstance(declared, torch.dtype) else torch.float32
 
 
 def export(source: str, plan_text: str, out: str | Path, fmt: str | None = None, force: bool = False,

@@ -152,7 +152,10 @@ class Quant:
             return cls("uniform", type=lookup(text))
         pair, _, budget = text.partition("@")
         high, _, low = pair.partition("/")
-        parts = [lookup(part, "mixed precision") for part in (high, low, budget or low)]
+        if not budget:
+            raise QuantError(f"mixed precision {text!r} needs a byte budget: HIGH/LOW@BUDGET, such as Q8_0/Q4_0@Q5_0 "
+                             "(as many bytes as uniform Q5_0)")
+        parts = [lookup(part, "mixed precision") for part in (high, low, budget)]
         if any(p.tensor is None for p in parts):
             raise QuantError(f"mixed precision {text!r} takes tensor types (such as Q8_0, Q6_K, Q4_0), "
                              "not llama.cpp mixtures")
