@@ -397,3 +397,26 @@ def test_the_embedded_smollm2_pruned_at_its_own_q4_1(smollm2, tmp_path):
     x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]
     with apply_plan(model, plan):
         assert (back(x).logits - model(x).logits).abs().max() <= 1e-4
+
+
+def test_a_write_that_fails_halfway_leaves_nothing_and_unknown_architectures_are_named(tiny, tmp_path, monkeypatch):
+    from layerlab.errors import LayerlabError
+    from layerlab.export.gguf_weights import gguf_arch
+
+    _, _, f32, _ = tiny
+    calls = []
+
+    def failing(values, kind):
+        calls.append(kind)
+        if len(calls) == 5:
+            raise RuntimeError("disk full")
+        from gguf.quants import quantize
+
+        return quantize(values, kind)
+
+    monkeypatch.setattr("layerlab.export.gguf.quantize", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(f32, PLAN, tmp_path / "half.gguf", quant="Q8_0", changed=())
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
+    with pytest.raises(LayerlabError, match="writing changed weights into a 'phi3' GGUF is not supported"):
+        gguf_arch("phi3")
