@@ -8,7 +8,8 @@ uniform Q5_0, so that row and the Q5_0 row compare at equal bytes). Every file i
 loaded back from disk (transformers' GGUF loader): size, size ratio vs the source file, perplexity
 on wikitext2-test (windows of 512; the delta vs the source file is paired per window, with a 95 %
 t interval), HellaSwag acc_norm (paired per item, 95 % normal interval), and, with llama-cpp-python,
-llama.cpp decode tokens/s relative to the source (fresh process per run, all files alternating each
+llama.cpp's own perplexity of the file (its perplexity tool's scoring: second half of each window)
+and decode tokens/s relative to the source (fresh process per run, all files alternating each
 round; median of the per-round ratios, and the range) next to the ideal speed-up (source tensor
 bytes / file tensor bytes: decode on CPU reads every weight once per token).
 
@@ -18,7 +19,7 @@ than the source's own quantization; llama.cpp decode >= 0.95 of the ideal speed-
 
     python benchmarks/quant_plans.py [--models smollm2-135m gemma3-270m] [--ppl-windows 16] [--mc-items 300]
                                      [--heal-steps 20] [--speed-rounds 0] [--work DIR]
-    python benchmarks/quant_plans.py --speed-only --speed-rounds 5    # llama.cpp speed of an earlier run's files
+    python benchmarks/quant_plans.py --llama-cpp-only --speed-rounds 5    # llama.cpp on an earlier run's files
 
 Finished rows are kept in WORK/rows.json, so a stopped run continues where it stopped.
 """
@@ -37,7 +38,7 @@ import torch
 import layerlab
 from layerlab import Plan, apply_plan
 from layerlab.corpora import read_choices, read_text
-from layerlab.evaluate.artifact import llama_cpp_available, llama_cpp_decode, load_file
+from layerlab.evaluate.artifact import llama_cpp_available, llama_cpp_decode, llama_cpp_perplexity, load_file
 from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import bos_id, encode_text, make_windows, window_nll
 from layerlab.export import ExportSettings, prepare_export, step_importance, write_export
@@ -125,11 +126,20 @@ def run_model(name: str, args, rows: dict, save) -> None:
         gc.collect()
 
 
-def speed(rows: dict, args, save) -> None:
-    """llama.cpp decode tokens/s of every file of a model and its source, alternating; ratios per round."""
+def in_llama_cpp(rows: dict, args, save) -> None:
+    """Every file in llama.cpp: perplexity as its perplexity tool computes it (a file llama.cpp misreads,
+    such as a Gemma 3 pattern it derives wrongly, shows here), and decode tokens/s of every file of a model
+    and its source, alternating; ratios per round."""
+    text = read_text("wikitext2-test")
     for name in args.models:
         files = {k: Path(r["path"]) for k, r in rows.items() if r["model"] == name and "path" in r}
         if not files:
+            continue
+        for key, path in files.items():
+            if "llama_cpp_ppl" not in rows[key]:
+                rows[key]["llama_cpp_ppl"] = llama_cpp_perplexity(path, text, 512, args.ppl_windows)[0]
+                save()
+        if not args.speed_rounds:
             continue
         runs = llama_cpp_decode(files, args.speed_rounds, args.decode_tokens)
         base = runs[f"{name}|source file"]["decode_samples"]
@@ -147,11 +157,13 @@ def table(rows: dict, args) -> str:
         src = rows.get(f"{name}|source file")
         if src is None:
             continue
+        lcpp = f", llama.cpp ppl {src['llama_cpp_ppl']:.3f}" if "llama_cpp_ppl" in src else ""
+        speed = f", llama.cpp decode {src['decode']['tokens_per_s']:.1f} tok/s" if "decode" in src else ""
         lines.append(f"\n{name}: source {Path(src['path']).name}, {src['bytes'] / 2**20:.1f} MiB, "
-                     f"ppl {src['ppl']:.3f}, acc_norm {src['acc_norm']:.3f}")
+                     f"ppl {src['ppl']:.3f}, acc_norm {src['acc_norm']:.3f}{lcpp}{speed}")
         lines.append(f"{'plan':<11} {'quant':<15} {'MB':>7} {'size x':>7} {'ideal':>6} {'ppl':>8} "
                      f"{'dppl % (95% CI)':>18} {'vs mem %':>8} {'acc_norm':>8} {'dacc_norm (95% CI)':>20} "
-                     f"{'rewr':>4} {'decode x':>8} {'ideal x':>7}")
+                     f"{'rewr':>4} {'lcpp ppl':>8} {'decode x':>8} {'ideal x':>7}")
         for row in rows.values():
             if row["model"] != name or "path" not in row or row["plan"] == "source file":
                 continue
@@ -160,13 +172,15 @@ def table(rows: dict, args) -> str:
             memory = rows.get(f"{name}|{row['plan']}|in memory")
             vs_mem = 100 * (row["ppl"] / memory["ppl"] - 1) if memory else float("nan")
             ideal = f"{row['ideal_ratio']:.3f}" if row.get("ideal_ratio") else "-"
-            decode = f"{row['decode']['ratio']:.2f}" if "decode" in row else "-"
+            decode = (f"{row['decode']['ratio']:.2f} [{row['decode']['range'][0]:.2f},{row['decode']['range'][1]:.2f}]"
+                      if "decode" in row else "-")
+            lcpp = f"{row['llama_cpp_ppl']:.3f}" if "llama_cpp_ppl" in row else "-"
             lines.append(
                 f"{row['plan']:<11} {row['quant']:<15} {row['bytes'] / 1e6:7.1f} {row['bytes'] / src['bytes']:7.3f} "
                 f"{ideal:>6} {row['ppl']:8.3f} {100 * (math.exp(mean) - 1):+7.2f} "
                 f"[{100 * (math.exp(mean - half) - 1):+.1f},{100 * (math.exp(mean + half) - 1):+.1f}] "
                 f"{vs_mem:+8.2f} {row['acc_norm']:8.3f} {dacc:+8.3f} [{dacc - dhalf:+.3f},{dacc + dhalf:+.3f}] "
-                f"{row['rewritten']:4d} {decode:>8} {src['tensor_bytes'] / row['tensor_bytes']:7.2f}")
+                f"{row['rewritten']:4d} {lcpp:>8} {decode:>8} {src['tensor_bytes'] / row['tensor_bytes']:7.2f}")
         for row in rows.values():
             if row["model"] == name and row.get("quant", "").startswith("in memory"):
                 lines.append(f"  in memory, float32: {row['plan']:<11} ({row['plan_text']}) ppl {row['ppl']:.3f}, "
@@ -182,7 +196,7 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=20)
     parser.add_argument("--speed-rounds", type=int, default=0, help="llama.cpp decode rounds (0: skip)")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--speed-only", action="store_true", help="only (re)measure llama.cpp speed")
+    parser.add_argument("--llama-cpp-only", action="store_true", help="only measure in llama.cpp (earlier files)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--work", default=str(cache_root() / "bench-quant-plans"))
     args = parser.parse_args()
@@ -195,11 +209,11 @@ def main() -> None:
     def save() -> None:
         store.write_text(json.dumps(rows))
 
-    if not args.speed_only:
+    if not args.llama_cpp_only:
         for name in args.models:
             run_model(name, args, rows, save)
-    if args.speed_rounds and llama_cpp_available():
-        speed(rows, args, save)
+    if llama_cpp_available():
+        in_llama_cpp(rows, args, save)
     print(table(rows, args))
 
 
