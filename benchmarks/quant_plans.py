@@ -21,7 +21,9 @@ than the source's own quantization; llama.cpp decode >= 0.95 of the ideal speed-
                                      [--heal-steps 20] [--speed-rounds 0] [--work DIR]
     python benchmarks/quant_plans.py --llama-cpp-only --speed-rounds 5    # llama.cpp on an earlier run's files
 
-Finished rows are kept in WORK/rows.json, so a stopped run continues where it stopped.
+Finished rows are kept in WORK/rows.json, so a stopped run continues where it stopped. The
+no-removal file at the source's quantization holds the source's tensors byte for byte (checked), so
+it takes the source file's numbers instead of being measured again.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ T95 = {n: t for n, t in [(4, 2.776), (8, 2.306), (16, 2.131), (20, 2.093), (32, 
 def quality(model, tokenizer, windows, items) -> dict:
     """Mean NLL of every window (equal lengths: ppl = exp of their mean) and HellaSwag correctness per item."""
     nll = [window_nll(model, [w])[0] / (len(w.ids) - w.score_from) for w in windows]
-    choice = multiple_choice(model, tokenizer, items, progress=False)
-    return {"nll": nll, "ppl": math.exp(statistics.fmean(nll)), "acc_norm": choice.acc_norm,
-            "correct": [int(s.prediction_norm == s.label) for s in choice.scores]}
+    row = {"nll": nll, "ppl": math.exp(statistics.fmean(nll))}
+    if items:
+        choice = multiple_choice(model, tokenizer, items, progress=False)
+        row |= {"acc_norm": choice.acc_norm, "correct": [int(s.prediction_norm == s.label) for s in choice.scores]}
+    return row
 
 
 def paired(base: list[float], other: list[float], t: float) -> tuple[float, float]:
@@ -102,9 +106,9 @@ def run_model(name: str, args, rows: dict, save) -> None:
             weights, materialized = result.model, True
         memory_key = f"{name}|{label}|in memory"
         if memory_key not in rows:
-            with apply_plan(weights, Plan.identity(len(plan.steps)) if materialized else plan):
+            with apply_plan(weights, Plan.identity(len(plan.steps)) if materialized else plan):  # perplexity only
                 rows[memory_key] = {"model": name, "plan": label, "quant": "in memory (float32)",
-                                    "plan_text": plan.to_text(), **quality(weights, tokenizer, windows, items)}
+                                    "plan_text": plan.to_text(), **quality(weights, tokenizer, windows, [])}
             save()
         importance = step_importance(weights, tokenizer, Plan.identity(len(plan.steps)) if materialized else plan)
         for quant in QUANTS:
@@ -116,11 +120,14 @@ def run_model(name: str, args, rows: dict, save) -> None:
             target = prepare_export(ExportSettings(quant=quant, force=True), name, plan, out)
             written = write_export(target, plan, weights, tokenizer, materialized=materialized,
                                    changed=None if materialized else (), importance=importance)
+            copy = all(t.action == "copied" for t in written.tensors) and plan.is_identity
             rows[key] = {"model": name, "plan": label, "quant": quant, "plan_text": plan.to_text(),
                          "path": str(out), "bytes": written.bytes, "ideal_ratio": written.ideal_ratio,
                          "tensor_bytes": scan_gguf(out).tensor_bytes(),
                          "rewritten": sum(t["action"] == "rewritten" for t in written.to_dict()["tensors"]),
-                         **measure(out, tokenizer, windows, items)}
+                         # every tensor copied byte for byte in the same order: the source's own numbers
+                         **({k: rows[f"{name}|source file"][k] for k in ("nll", "ppl", "acc_norm", "correct")}
+                            if copy else measure(out, tokenizer, windows, items))}
             save()
         del weights
         gc.collect()
@@ -169,7 +176,7 @@ def table(rows: dict, args) -> str:
                 continue
             mean, half = paired(src["nll"], row["nll"], t_ppl)
             dacc, dhalf = paired(src["correct"], row["correct"], 1.96)
-            memory = rows.get(f"{name}|{row['plan']}|in memory")
+            memory = rows.get(f"{name}|{row['plan']}|in memory")  # perplexity only
             vs_mem = 100 * (row["ppl"] / memory["ppl"] - 1) if memory else float("nan")
             ideal = f"{row['ideal_ratio']:.3f}" if row.get("ideal_ratio") else "-"
             decode = (f"{row['decode']['ratio']:.2f} [{row['decode']['range'][0]:.2f},{row['decode']['range'][1]:.2f}]"
@@ -183,8 +190,7 @@ def table(rows: dict, args) -> str:
                 f"{row['rewritten']:4d} {lcpp:>8} {decode:>8} {src['tensor_bytes'] / row['tensor_bytes']:7.2f}")
         for row in rows.values():
             if row["model"] == name and row.get("quant", "").startswith("in memory"):
-                lines.append(f"  in memory, float32: {row['plan']:<11} ({row['plan_text']}) ppl {row['ppl']:.3f}, "
-                             f"acc_norm {row['acc_norm']:.3f}")
+                lines.append(f"  in memory, float32: {row['plan']:<11} ({row['plan_text']}) ppl {row['ppl']:.3f}")
     return "\n".join(lines)
 
 
