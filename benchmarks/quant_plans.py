@@ -125,7 +125,7 @@ def run_model(name: str, args, rows: dict, save) -> None:
                          "path": str(out), "bytes": written.bytes, "ideal_ratio": written.ideal_ratio,
                          "tensor_bytes": scan_gguf(out).tensor_bytes(),
                          "rewritten": sum(t["action"] == "rewritten" for t in written.to_dict()["tensors"]),
-                         # every tensor copied byte for byte in the same order: the source's own numbers
+                         # every tensor copied byte for byte: the same model as the source file, its numbers
                          **({k: rows[f"{name}|source file"][k] for k in ("nll", "ppl", "acc_norm", "correct")}
                             if copy else measure(out, tokenizer, windows, items))}
             save()
