@@ -51,7 +51,7 @@ from layerlab.models import cache_root, resolve_source
 from layerlab.search import one_shot
 
 QUANTS = ("source", "Q8_0", "Q5_0", "Q4_0", "Q8_0/Q4_0@Q5_0")
-T95 = {n: t for n, t in [(4, 2.776), (8, 2.306), (16, 2.131), (20, 2.093), (32, 2.040), (64, 1.998)]}
+T95 = {4: 3.182, 8: 2.365, 12: 2.201, 16: 2.131, 20: 2.093, 32: 2.040, 64: 1.998}  # two-sided 95 %, n - 1 df
 
 
 @torch.no_grad()
@@ -158,16 +158,17 @@ def in_llama_cpp(rows: dict, args, save) -> None:
 
 
 def table(rows: dict, args) -> str:
-    t_ppl = T95.get(args.ppl_windows, 2.0)
     lines = []
     for name in args.models:
         src = rows.get(f"{name}|source file")
         if src is None:
             continue
+        t_ppl = T95.get(len(src["nll"]), 2.0)
         lcpp = f", llama.cpp ppl {src['llama_cpp_ppl']:.3f}" if "llama_cpp_ppl" in src else ""
         speed = f", llama.cpp decode {src['decode']['tokens_per_s']:.1f} tok/s" if "decode" in src else ""
         lines.append(f"\n{name}: source {Path(src['path']).name}, {src['bytes'] / 2**20:.1f} MiB, "
-                     f"ppl {src['ppl']:.3f}, acc_norm {src['acc_norm']:.3f}{lcpp}{speed}")
+                     f"ppl {src['ppl']:.3f}, acc_norm {src['acc_norm']:.3f}{lcpp}{speed}; "
+                     f"{len(src['nll'])} windows, {len(src['correct'])} HellaSwag rows")
         lines.append(f"{'plan':<11} {'quant':<15} {'MB':>7} {'size x':>7} {'ideal':>6} {'ppl':>8} "
                      f"{'dppl % (95% CI)':>18} {'vs mem %':>8} {'acc_norm':>8} {'dacc_norm (95% CI)':>20} "
                      f"{'rewr':>4} {'lcpp ppl':>8} {'decode x':>8} {'ideal x':>7}")
