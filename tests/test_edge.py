@@ -332,6 +332,7 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip().endswith("False"), result.stdout[-500:]
 
 
+@pytest.mark.slow
 def test_plan_error_through_lm_eval_is_one_line(tmp_path):
     pytest.importorskip("lm_eval")
     result = subprocess.run(
@@ -344,6 +345,7 @@ def test_plan_error_through_lm_eval_is_one_line(tmp_path):
         "names layer 99" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sigterm_during_prune_leaves_no_staging_folder_and_the_run_resumes(tmp_path, tiny_folder):
     """SIGTERM arrives while the export is being written (deterministically: the save sends it to itself)."""
     out = tmp_path / "run"
