@@ -40,15 +40,17 @@ import torch
 import layerlab
 from layerlab import Plan, apply_plan
 from layerlab.corpora import read_choices, read_text
-from layerlab.evaluate.artifact import llama_cpp_available, llama_cpp_decode, llama_cpp_perplexity, load_file
+from layerlab.evaluate.artifact import llama_cpp_decode, llama_cpp_perplexity, load_file
 from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import bos_id, encode_text, make_windows, window_nll
-from layerlab.export import ExportSettings, prepare_export, step_importance, write_export
+from layerlab.export import prepare_export, step_importance, write_export
 from layerlab.export.gguf import scan_gguf
 from layerlab.heal import HealSettings, heal
 from layerlab.metrics.similarity import similarity
 from layerlab.models import cache_root, resolve_source
+from layerlab.quant import llama_cpp_available
 from layerlab.search import one_shot
+from layerlab.settings import ExportSettings, ModelSpec
 
 QUANTS = ("source", "Q8_0", "Q5_0", "Q4_0", "Q8_0/Q4_0@Q5_0")
 T95 = {4: 3.182, 8: 2.365, 12: 2.201, 16: 2.131, 20: 2.093, 32: 2.040, 64: 1.998}  # two-sided 95 %, n - 1 df
@@ -117,7 +119,7 @@ def run_model(name: str, args, rows: dict, save) -> None:
                 continue
             stem = f"{label.replace(' ', '').replace('%', 'pct').replace('+', '-')}-{quant.replace('/', '-')}"
             out = folder / f"{stem}.gguf"
-            target = prepare_export(ExportSettings(quant=quant, force=True), name, plan, out)
+            target = prepare_export(ExportSettings(model=ModelSpec(name), out=str(out), quant=quant, force=True), plan)
             written = write_export(target, plan, weights, tokenizer, materialized=materialized,
                                    changed=None if materialized else (), importance=importance)
             copy = all(t.action == "copied" for t in written.tensors) and plan.is_identity

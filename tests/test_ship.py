@@ -15,22 +15,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerlab
 from layerlab import Plan, PlanError, apply_plan
-from layerlab.evaluate.artifact import ArtifactSettings, llama_cpp_available, load_file, measure_export
-from layerlab.export import ExportError, ExportSettings, prepare_export, write_export
+from layerlab.errors import MissingExtraError, SettingsError
+from layerlab.evaluate.artifact import ArtifactSettings, load_file, measure_export
+from layerlab.export import prepare_export, write_export
 from layerlab.export.gguf import gguf_layer_types
 from layerlab.export.gguf_weights import permute
-from layerlab.export.quant import Quant, QuantError, Target, choose_types, closest, tensor_bytes
+from layerlab.export.quant import Target, choose_types, closest, tensor_bytes
 from layerlab.io import OutputExistsError
+from layerlab.quant import Quant, llama_cpp_available
+from layerlab.settings import ExportSettings, ModelSpec
 
 IDS = torch.tensor([[5, 70, 33, 120, 256, 9, 200, 41, 18, 77, 3, 250]])
 LAYERS = 12
 PLAN = "skip:0-5"  # a whole group of six: Gemma 3's global layers keep their llama.cpp positions
 
 
+def shipping(source, out, **kwargs) -> ExportSettings:
+    return ExportSettings(model=ModelSpec(str(source)), out=str(out), **kwargs)
+
+
 def export_gguf(source, plan_text, out, quant="source", model=None, layers=LAYERS, **kwargs):
     plan = Plan.parse(plan_text, layers)
-    target = prepare_export(ExportSettings(quant=quant), str(source), plan, out)
-    return write_export(target, plan, model, **kwargs)
+    return write_export(prepare_export(shipping(source, out, quant=quant), plan), plan, model, **kwargs)
 
 
 def tensors(path) -> dict:
@@ -160,7 +166,7 @@ def test_mixed_precision_upgrades_embeddings_then_the_most_sensitive_layers_with
 
 
 def test_source_quant_keeps_each_type_and_says_when_it_cannot(monkeypatch):
-    monkeypatch.setattr("layerlab.export.quant.llama_cpp_available", lambda: False)
+    monkeypatch.setattr("layerlab.quant.LLAMA_CPP_MODULE", "no_such_llama_cpp")
     spec = {"blk.0.attn_q.weight": ((8, 256), T.Q4_K), "blk.0.ffn_down.weight": ((8, 256), T.Q6_K)}
     targets = choose_types(Quant.parse("source"), spec, changed={"blk.0.attn_q.weight"})
     assert targets["blk.0.attn_q.weight"].type == T.Q4_0 and "closest Q4_0" in targets["blk.0.attn_q.weight"].note
@@ -169,33 +175,33 @@ def test_source_quant_keeps_each_type_and_says_when_it_cannot(monkeypatch):
 
 
 def test_bad_settings_are_one_line_errors(monkeypatch):
-    with pytest.raises(QuantError, match="unknown quantization type 'Q7_0'.*choose from source"):
+    with pytest.raises(SettingsError, match="unknown quantization type 'Q7_0'.*choose from source"):
         ExportSettings(quant="Q7_0")
-    with pytest.raises(ExportError, match="folder holds float weights: --quant Q4_0 needs --format gguf"):
+    with pytest.raises(SettingsError, match="folder holds float weights: --quant Q4_0 needs --format gguf"):
         ExportSettings(format="hf", quant="Q4_0")
-    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+    with pytest.raises(SettingsError, match="unknown export format 'onnx'"):
         ExportSettings(format="onnx")
-    with pytest.raises(QuantError, match="HIGH must have more bits"):
+    with pytest.raises(SettingsError, match="HIGH must have more bits"):
         ExportSettings(quant="Q4_0/Q8_0@Q5_0")
-    with pytest.raises(QuantError, match="needs a byte budget"):
+    with pytest.raises(SettingsError, match="needs a byte budget"):
         ExportSettings(quant="Q8_0/Q4_0")
-    monkeypatch.setattr("layerlab.export.quant.llama_cpp_available", lambda: False)
-    with pytest.raises(QuantError, match=r"Q4_K_M is written by llama.cpp's quantizer.*'layerlab\[llamacpp\]'"):
+    monkeypatch.setattr("layerlab.quant.LLAMA_CPP_MODULE", "no_such_llama_cpp")
+    with pytest.raises(MissingExtraError, match=r"Q4_K_M \(written by llama.cpp's quantizer\).*'layerlab\[llamacpp\]'"):
         ExportSettings(quant="Q4_K_M")
-    assert ExportSettings(format="hf", quant="bf16").quant.type.name == "BF16"
+    assert Quant.parse("bf16").type.name == "BF16" and ExportSettings(format="hf", quant="bf16").quant == "bf16"
 
 
 def test_bad_exports_fail_before_any_work_and_write_nothing(tiny, tmp_path, tiny_folder):
     _, _, f32, _ = tiny
     with pytest.raises(PlanError, match="whole layers only"):
-        prepare_export(ExportSettings(), str(f32), Plan.parse("attn-skip:2", LAYERS), tmp_path / "a.gguf")
+        prepare_export(shipping(f32, tmp_path / "a.gguf"), Plan.parse("attn-skip:2", LAYERS))
     with pytest.raises(PlanError, match="written for 5 layers"):
-        prepare_export(ExportSettings(), str(f32), Plan.parse("skip:2", 5), tmp_path / "a.gguf")
-    with pytest.raises(ExportError, match="GGUF output reuses a GGUF source's tokenizer"):
-        prepare_export(ExportSettings(format="gguf"), str(tiny_folder), Plan.parse("skip:2", 6), tmp_path / "b")
+        prepare_export(shipping(f32, tmp_path / "a.gguf"), Plan.parse("skip:2", 5))
+    with pytest.raises(SettingsError, match="GGUF output reuses a GGUF source's tokenizer"):
+        prepare_export(shipping(tiny_folder, tmp_path / "b", format="gguf"), Plan.parse("skip:2", 6))
     (tmp_path / "c.gguf").write_text("mine")
     with pytest.raises(OutputExistsError):
-        prepare_export(ExportSettings(), str(f32), Plan.parse(PLAN, LAYERS), tmp_path / "c.gguf")
+        prepare_export(shipping(f32, tmp_path / "c.gguf"), Plan.parse(PLAN, LAYERS))
     assert (tmp_path / "c.gguf").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]
 
@@ -207,7 +213,7 @@ def test_a_folder_export_keeps_the_sources_dtype_and_loads_in_plain_transformers
     AutoTokenizer.from_pretrained(tiny_folder).save_pretrained(source)
     model, tokenizer = layerlab.load(str(source))  # float32 in memory
     plan = Plan.parse("skip:2", 6)
-    target = prepare_export(ExportSettings(), str(source), plan, tmp_path / "out")
+    target = prepare_export(shipping(source, tmp_path / "out"), plan)
     result = write_export(target, plan, model, tokenizer)
     assert result.format == "hf" and result.dtype == "torch.bfloat16"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -367,7 +373,7 @@ def test_real_models_written_from_their_hf_weights_at_f32_give_the_plans_logits(
 
     model, tokenizer = request.getfixturevalue(name.split("-")[0])
     plan = Plan.parse(plan_text, model.config.num_hidden_layers)
-    target = prepare_export(ExportSettings(quant="F32"), name, plan, tmp_path / "f32.gguf")
+    target = prepare_export(shipping(name, tmp_path / "f32.gguf", quant="F32"), plan)
     every = [n for n, _ in GgufSource.open(resolve_source(name)).planned(plan)]
     result = write_export(target, plan, model, changed=every)
     assert {t.action for t in result.tensors} == {"rewritten"}
@@ -385,7 +391,7 @@ def test_the_embedded_smollm2_pruned_at_its_own_q4_1(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     plan = Plan.parse("skip:3,12-15,25", 30)
-    target = prepare_export(ExportSettings(), "smollm2-135m", plan, tmp_path / "model.gguf")
+    target = prepare_export(shipping("smollm2-135m", tmp_path / "model.gguf"), plan)
     result = write_export(target, plan, model)  # compares every kept tensor with the source: none changed
     assert {t.action for t in result.tensors} == {"copied"}
     assert result.ratio <= result.ideal_ratio + 0.01

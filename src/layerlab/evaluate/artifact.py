@@ -26,6 +26,7 @@ import torch
 
 from ..corpora import read_text
 from ..errors import LayerlabError
+from ..quant import llama_cpp_available
 from .perplexity import perplexity
 
 
@@ -153,12 +154,6 @@ def llama_cpp_decode(paths: dict[str, Path], rounds: int, tokens: int, threads: 
         out[name] = {"decode_tokens_per_s": statistics.median(speeds), "decode_samples": speeds,
                      "peak_mb": statistics.median(s["peak_mb"] for s in samples), "rounds": rounds}
     return out
-
-
-def llama_cpp_available() -> bool:
-    from ..export.quant import llama_cpp_available as available
-
-    return available()
 
 
 def measure_files(files: dict[str, Path], settings: ArtifactSettings | None = None, tokenizer=None) -> dict:

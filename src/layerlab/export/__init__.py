@@ -5,7 +5,7 @@ tensors whose values changed (healing, patches, any weight edit) are quantized b
 type, or to the closest type the writers at hand can write (`quant.py`); `--quant` picks another
 type, a llama.cpp mixture or importance-aware mixed precision. A Hugging Face source gives a folder
 (`hf.py`) in the source's dtype. Three steps, each with its own entry point:
-1. `prepare_export(settings, source, plan, out)` checks everything that needs no model (format,
+1. `prepare_export(settings, plan)` checks everything that needs no model (format,
    quant type, plan, output path) and opens the source GGUF once;
 2. `write_export(target, plan, model, tokenizer, ...)` only writes, and returns an `ExportResult`
    (bytes on disk of source and output, their ratio, what happened to each tensor);
@@ -23,40 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LayerlabError
+from ..errors import SettingsError
 from ..io import atomic_write_text, check_output
-from ..models import layer_count, load, resolve_source
+from ..models import resolve_source
 from ..plan import Plan
+from ..quant import Quant
+from ..settings import ExportSettings, check_shipping
 from .card import card_text, folder_bytes
 from .gguf import GgufSource, TensorRecord, shape_of
-from .quant import FLOAT_TYPES, Quant
-
-FORMATS = ("hf", "gguf")
-
-
-class ExportError(LayerlabError):
-    """Export settings that cannot work for this source."""
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    """What to write. `format=None` keeps the source's format; `quant` is `source`, a registry type
-    (`layerlab.export.quant.QUANT_TYPES`) or mixed precision `HIGH/LOW@BUDGET`."""
-
-    format: str | None = None
-    quant: str | Quant = "source"
-    remote_code: bool = False
-    force: bool = False
-
-    def __post_init__(self) -> None:
-        if self.format not in (None, *FORMATS):
-            raise ExportError(f"unknown export format {self.format!r}; choose from {', '.join(FORMATS)}")
-        quant = Quant.parse(self.quant)
-        object.__setattr__(self, "quant", quant)
-        if self.format == "hf" and not (quant.kind == "source" or (quant.kind == "uniform" and
-                                                                    quant.type.name in FLOAT_TYPES)):
-            raise ExportError(f"a Hugging Face folder holds float weights: --quant {quant.to_text()} needs "
-                              f"--format gguf (with --format hf use source, {', '.join(FLOAT_TYPES)})")
 
 
 @dataclass(frozen=True)
@@ -68,6 +42,7 @@ class ExportTarget:
     out: Path
     card: Path
     settings: ExportSettings
+    quant: Quant
     gguf: GgufSource | None = None  # the source file, opened once, when writing GGUF
     source_path: Path | None = None  # a local source: file or folder (its bytes are counted)
 
@@ -105,30 +80,32 @@ class ExportResult:
                 "tensors": [t.to_dict() for t in self.tensors if t.action != "copied"]}
 
 
-def prepare_export(settings: ExportSettings, source: str, plan: Plan, out: str | Path,
-                   rewrites: bool = False) -> ExportTarget:
-    """Check the export before any model loads; `rewrites`: changed weights will be written (healing)."""
+def prepare_export(settings: ExportSettings, plan: Plan, rewrites: bool = False,
+                   inputs: Sequence[str | Path] = ()) -> ExportTarget:
+    """Check the export before any model loads: format, quant, plan, output path (`settings.out`), and for
+    `rewrites` (changed weights will be written, e.g. healing) that the GGUF writer knows the architecture."""
     from .gguf_weights import gguf_arch
 
+    source = settings.model.source
+    quant = check_shipping(settings.format, settings.quant)
     resolved = resolve_source(source)
     local = resolved if isinstance(resolved, Path) else None
     is_gguf = local is not None and local.suffix.lower() == ".gguf"
     fmt = settings.format or ("gguf" if is_gguf else "hf")
     if fmt == "gguf" and not is_gguf:
-        raise ExportError(f"GGUF output reuses a GGUF source's tokenizer and metadata, and {source!r} is not a "
-                          ".gguf file; use --format hf, or convert it with llama.cpp's convert_hf_to_gguf.py first")
-    out = Path(out)
+        raise SettingsError(f"GGUF output reuses a GGUF source's tokenizer and metadata, and {source!r} is not a "
+                            ".gguf file; use --format hf, or convert it with llama.cpp's convert_hf_to_gguf.py first")
+    out = Path(settings.out)
     card = out / "README.md" if fmt == "hf" else out.with_suffix(".md")
-    check_output(out, folder=fmt == "hf", force=settings.force)
-    if fmt == "gguf":
-        check_output(card, folder=False, force=settings.force)
+    check_output(out, folder=fmt == "hf", force=settings.force, inputs=inputs)
     gguf = None
     if fmt == "gguf":
+        check_output(card, folder=False, force=settings.force, inputs=inputs)
         gguf = GgufSource.open(local)
         gguf.check(plan)
         if rewrites:
             gguf_arch(gguf.arch)
-    return ExportTarget(source, fmt, out, card, settings, gguf, local)
+    return ExportTarget(source, fmt, out, card, settings, quant, gguf, local)
 
 
 def write_export(target: ExportTarget, plan: Plan, model=None, tokenizer=None, materialized: bool = False,
@@ -160,7 +137,7 @@ def _write_gguf(target: ExportTarget, plan: Plan, model, materialized: bool, cha
     from .gguf_weights import ModelWeights, differs
     from .quant import choose_types
 
-    source, quant = target.gguf, target.settings.quant
+    source, quant = target.gguf, target.quant
     if quant.kind == "uniform" and quant.type.tensor is None and source.file_type() == quant.type.ftype:
         quant = Quant("source")  # the source's own llama.cpp mixture: keep its tensors, do not quantize twice
     planned = source.planned(plan)
@@ -207,8 +184,8 @@ def _write_hf(target: ExportTarget, plan: Plan, model, tokenizer, materialized: 
     from .hf import materialize, save_folder
 
     if model is None or tokenizer is None:
-        raise ExportError("a Hugging Face export needs the loaded model and tokenizer")
-    quant = target.settings.quant
+        raise ValueError("a Hugging Face export needs the loaded model and tokenizer")
+    quant = target.quant
     dtype = _hf_dtype(quant, target)
     source_params = None if materialized else sum(p.numel() for p in model.parameters())
     new = model if materialized else materialize(model, plan)
@@ -232,22 +209,20 @@ def _hf_dtype(quant: Quant, target: ExportTarget) -> torch.dtype:
     return declared if isinstance(declared, torch.dtype) else torch.float32
 
 
-def export(source: str, plan_text: str, out: str | Path, fmt: str | None = None, force: bool = False,
-           remote_code: bool = False, eval_windows: int = 8, quant: str = "source") -> Path:
-    """Export `plan_text` applied to `source` at `out` with a model card; measure the written file when
-    `eval_windows` > 0 (the command line's `layerlab export`)."""
+def export(settings: ExportSettings, plan: Plan, target: ExportTarget | None = None) -> ExportResult:
+    """Export `plan` applied to the settings' model at `settings.out` with a model card; measure the written
+    file when `settings.eval_windows` > 0 (`layerlab export`; `jobs.export` checks everything first)."""
     from ..evaluate.artifact import ArtifactSettings, measure_export
 
-    settings = ExportSettings(format=fmt, quant=quant, remote_code=remote_code, force=force)
-    plan = Plan.load(plan_text, layer_count(source))
-    target = prepare_export(settings, source, plan, out)
-    model, tokenizer = load(source)
-    importance = step_importance(model, tokenizer, plan) if settings.quant.kind == "mixed" else None
+    target = target or prepare_export(settings, plan)
+    model, tokenizer = settings.model.load()
+    importance = step_importance(model, tokenizer, plan) if target.quant.kind == "mixed" else None
     result = write_export(target, plan, model, tokenizer, changed=(), importance=importance)
-    if eval_windows:
-        measured = measure_export(result, target.source, ArtifactSettings(windows=eval_windows), tokenizer=tokenizer)
-        write_card(result, source, plan, measured)
-    return result.path
+    if settings.eval_windows:
+        measured = measure_export(result, target.source, ArtifactSettings(windows=settings.eval_windows),
+                                  tokenizer=tokenizer)
+        write_card(result, target.source, plan, measured)
+    return result
 
 
 def step_importance(model, tokenizer, plan: Plan, text: str = "wikitext2-valid", ctx: int = 256,

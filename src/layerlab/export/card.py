@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from ..io import TEXT_MARKER
 from ..plan import Plan
 
 
@@ -42,7 +43,8 @@ def card_text(source: str, plan: Plan, result, measured: dict | None = None) -> 
             ("bytes on disk", mib(result.source_bytes), mib(result.bytes) + ratio)]
     rows += _measured_rows(measured)
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-    return f"""# layerlab export of {source}
+    return f"""{TEXT_MARKER}
+# layerlab export of {source}
 
 - source: `{source}`
 - plan: `{plan.to_text()}` ({len(plan.steps)} steps over {plan.num_layers} layers; dropped: \

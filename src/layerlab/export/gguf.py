@@ -31,6 +31,7 @@ from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from ..errors import PlanError
+from ..io import GGUF_PRODUCER_KEY, PRODUCER
 from ..plan import Plan
 from .files import staged_file
 from .quant import NUMPY_TYPES, Target, quantize, tensor_bytes
@@ -279,7 +280,7 @@ def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GG
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan, file_type: int | None,
                    sliding: list[bool] | None) -> None:
     for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+        if field.name in ("general.architecture", GGUF_PRODUCER_KEY) or field.name.startswith("GGUF."):
             continue  # written by GGUFWriter itself
         value = field.contents()
         kind = field.types[0]
@@ -296,6 +297,7 @@ def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan
     if sliding is not None:
         writer.add_key_value(f"{arch}.attention.sliding_window_pattern", sliding, GGUFValueType.ARRAY,
                              sub_type=GGUFValueType.BOOL)
+    writer.add_string(GGUF_PRODUCER_KEY, PRODUCER)  # lets a later --force know layerlab wrote this file
 
 
 def _copied(name: str, tensor, kinds: Mapping[str, GGMLQuantizationType | None], values: Mapping) -> bool:
@@ -316,13 +318,21 @@ def _records(planned: list, targets: Mapping[str, Target], kinds: Mapping[str, G
 
 def gguf_load_kwargs(path: str | Path) -> dict:
     """Extra `from_pretrained(..., gguf_file=...)` arguments that make transformers run the file as llama.cpp does:
-    a config carrying the file's per-layer sliding-window pattern, when it has one."""
+    a config carrying the file's per-layer sliding-window pattern, when it has one, and for Gemma 3 llama.cpp's
+    attention scale (transformers' GGUF loader leaves `query_pre_attn_scalar` at its default 256, while
+    llama.cpp scales by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 62-layer 27B)."""
+    fields = read_metadata(path, lambda key: key == "general.architecture")
     types = gguf_layer_types(path)
-    if types is None:
+    if types is None and fields["general.architecture"] != "gemma3":
         return {}
     from transformers import AutoConfig
 
     path = Path(path)
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    config.get_text_config(decoder=True).layer_types = types
+    text = config.get_text_config(decoder=True)
+    if types is not None:
+        text.layer_types = types
+    if fields["general.architecture"] == "gemma3":
+        text.query_pre_attn_scalar = (text.hidden_size // text.num_attention_heads if text.num_hidden_layers == 62
+                                      else text.head_dim)
     return {"config": config}

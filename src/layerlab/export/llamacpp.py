@@ -18,16 +18,14 @@ from pathlib import Path
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from ..errors import LayerlabError
-from .quant import LLAMACPP_EXTRA
+from ..quant import require_llama_cpp
 
 
 def llama_quantize(source: Path, out: Path, ftype: int | None, overrides: Mapping[str, GGMLQuantizationType],
                    threads: int | None = None) -> None:
     """Write `out` from `source` with llama.cpp's quantizer; `overrides` maps tensor names to their types."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise LayerlabError(f"K-quants are written by llama.cpp's quantizer: {LLAMACPP_EXTRA}") from None
+    require_llama_cpp("writing K-quants with llama.cpp's quantizer")
+    import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     # overrides apply only under a quantized default type; Q8_0 when the request names none
     params.ftype = int(ftype if ftype is not None else LlamaFileType.MOSTLY_Q8_0)
