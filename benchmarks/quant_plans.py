@@ -53,7 +53,8 @@ from layerlab.search import one_shot
 from layerlab.settings import ExportSettings, ModelSpec
 
 QUANTS = ("source", "Q8_0", "Q5_0", "Q4_0", "Q8_0/Q4_0@Q5_0")
-T95 = {4: 3.182, 8: 2.365, 12: 2.201, 16: 2.131, 20: 2.093, 32: 2.040, 64: 1.998}  # two-sided 95 %, n - 1 df
+# two-sided 95 % t critical values by number of windows (n - 1 degrees of freedom)
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 8: 2.365, 12: 2.201, 16: 2.131, 20: 2.093, 32: 2.040, 64: 1.998}
 
 
 @torch.no_grad()

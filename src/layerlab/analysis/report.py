@@ -80,10 +80,12 @@ def render(data: dict, images: dict[str, str]) -> str:
         f"{_e(', '.join(data['removed']))}) and the best one-shot plan "
         f"<code>{_e(data['best_one_shot']['plan'])}</code> ({_e(data['best_one_shot']['method'])})).</p>",
         "<h2>Evaluation</h2>", _table(["plan", "steps", "ppl", "Δppl", "acc", "acc_norm", "decode tok/s",
-                                       "decode ×", "params MB"], [_eval_cells(r) for r in rows]),
+                                       "decode ×", "params MB", "file MiB", "size ×", "file ppl"],
+                                      [_eval_cells(r) + _file_cells(r) for r in rows]),
         f"<p>Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; multiple choice on "
-        f"{_e(data['settings']['evaluation']['mc_data'])}. Exported model: "
-        f"<code>{_e(data['exported'] or '-')}</code></p>",
+        f"{_e(data['settings']['evaluation']['mc_data'])}. The file columns are measured on the shipped files "
+        "as loaded back from disk (bytes on disk, their ratio to the source's, perplexity).</p>",
+        _shipped(data.get("shipped", [])),
         "<h2>Sample generations</h2>", *(_samples(r) for r in rows),
         "<h2>Plots</h2>", *(f'<figure><img src="{uri}" alt="{_e(c)}"><figcaption>{_e(c)}</figcaption></figure>'
                             for c, uri in images.items()),
@@ -106,6 +108,24 @@ def _eval_cells(row: dict) -> list:
             f"{row['mc']['acc_norm']:.3f}", f"{speed['decode_tokens_per_s']:.1f}" if speed else "-",
             f"{delta['decode_speedup']:.2f}" if "decode_speedup" in delta else "-",
             f"{speed['parameter_bytes'] / 2**20:.0f}" if speed else "-"]
+
+
+def _file_cells(row: dict) -> list:
+    file = row.get("file", {})
+    return [f"{file['bytes'] / 2**20:.1f}" if file.get("bytes") else "-",
+            f"{file['ratio']:.3f}" if file.get("ratio") else "-",
+            f"{file['perplexity']:.2f}" if file.get("perplexity") else "-"]
+
+
+def _shipped(shipped: list[dict]) -> str:
+    """The files the job wrote: format, quantization, bytes and ratio next to the ideal share."""
+    if not shipped:
+        return "<p>No model was exported (<code>--no-export</code>).</p>"
+    return "<h2>Shipped files</h2>" + _table(
+        ["file", "format", "quant", "MiB", "size ×", "ideal ×"],
+        [[r["path"], r["format"], r["quant"], f"{r['bytes'] / 2**20:.1f}",
+          f"{r['ratio']:.3f}" if r.get("ratio") else "-", f"{r['ideal_ratio']:.3f}" if r.get("ideal_ratio") else "-"]
+         for r in shipped])
 
 
 def _samples(row: dict) -> str:
