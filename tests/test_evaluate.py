@@ -9,7 +9,8 @@ from tiny import tiny_model
 
 from layerlab import Plan, apply_plan
 from layerlab.corpora import Choice, DataError, read_choices, read_text
-from layerlab.evaluate.multiple_choice import encode_pair, multiple_choice
+from layerlab.evaluate.loglikelihood import encode_pair
+from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import perplexity
 from layerlab.evaluate.speed import measure_plans, parameter_bytes
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .corpora import read_text
@@ -34,7 +34,7 @@ from .runtime import apply_plan
 from .search import Budget, SearchState, greedy, one_shot
 
 ONE_SHOT_METHODS = ("bi", "angular", "cosine")
-QUICK_EVAL = EvalSettings(ppl_windows=8, mc_items=50, max_new_tokens=24, speed_rounds=2)
+QUICK_EVAL = EvalSettings(rows=50, ppl_windows=8, max_new_tokens=24, speed_rounds=2, speed_max_rounds=5)
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,10 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     plans = unique_plans([Plan.identity(n_layers)] + [Plan.parse(text, n_layers) for _, text in found.values()])
     plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
     evaluation = _cached(out / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
-        model, tokenizer, plans, ("ppl", "mc", "samples", "speed"), settings.evaluation))
+        model, tokenizer, plans, settings.evaluation, store=out / "eval", progress=progress))
     healed = _heal_row(model, tokenizer, chosen, out, settings, progress) if settings.heal else None
-    if healed is not None:
-        add_deltas([dict(evaluation["rows"][0]), healed])  # against the baseline row
+    if healed is not None:  # against the baseline row, paired on the same items
+        add_deltas([dict(evaluation["rows"][0]), healed], settings.evaluation.confidence, settings.evaluation.seed)
     if settings.export and not (out / "model" / "config.json").is_file():
         from .export.hf import export_hf
 
@@ -154,8 +154,8 @@ def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, 
                       checkpoint_dir=out / "healing.checkpoints", resume=True, progress=progress)
         save_healed(result, tokenizer, out / "healed", force=True)
         n = result.model.config.get_text_config(decoder=True).num_hidden_layers
-        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], ("ppl", "mc", "samples"),
-                              settings.evaluation)["rows"]
+        no_speed = replace(settings.evaluation, tasks=tuple(t for t in settings.evaluation.tasks if t != "speed"))
+        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], no_speed, progress=progress)["rows"]
         return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
 
     return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)

@@ -1,0 +1,172 @@
+"""Log-likelihoods of continuations after contexts, as lm-evaluation-harness computes them, with no token run twice.
+
+Every zero-shot task reduces to requests `(context, continuation)`: the summed log-probability of the
+continuation's tokens after the context, and whether each of them is the greedy (argmax) choice.
+Tokens are split as lm-eval 0.4.13 splits them (`encode_pair`): the context is encoded alone, the
+continuation is the tail of the encoding of context + continuation, trailing context spaces move to
+the continuation.
+
+How the model is run (`share_contexts=True`, the default):
+- Requests with the same context form a *unit*. The model must run each sequence
+  `context + continuation[:-1]` (the last continuation token is only predicted, never fed); a
+  one-token continuation needs no sequence of its own, only the logits after the context, so an MMLU
+  or BoolQ item is one sequence however many answers it has.
+- A unit with several sequences (HellaSwag, ARC: one per ending) runs its context once and the
+  endings as one right-padded batch on the context's KV cache.
+- Units of one sequence each (MMLU, BoolQ, LAMBADA, WinoGrande's contexts) run `batch_size` at a
+  time: sorted by their tokens, neighbours that share a prefix of at least `MIN_SHARED` tokens (MMLU's
+  per-subject header, WinoGrande's sentence before the blank, a BoolQ passage asked twice) run that
+  prefix once; the rest are sorted by length so the padding stays small.
+- The LM head runs only on the positions whose predictions are scored (`logits_to_keep`).
+Right padding is never attended to (attention is causal), so padding changes no number.
+
+`share_contexts=False` runs every request as one whole sequence, `batch_size` of them per forward pass,
+longest first (what lm-eval does; best on accelerators with large batches). Both ways agree with a
+plain forward pass of context + continuation to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .perplexity import bos_id
+
+MIN_SHARED = 8  # tokens a prefix must have for neighbouring one-sequence units to share it
+
+
+@dataclass(frozen=True)
+class Loglikelihood:
+    logprob: float  # summed log-probability of the continuation's tokens, in nats
+    greedy: bool  # every continuation token is the argmax of its prediction
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """lm-eval's split: trailing context spaces move to the continuation; the continuation is the tail."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    return context_ids, whole[len(context_ids):]
+
+
+@dataclass
+class _Unit:
+    """The requests sharing one context, and the sequences the model must run for them."""
+
+    context: tuple[int, ...]
+    requests: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (request index, continuation)
+
+    def sequences(self) -> list[tuple[int, ...]]:
+        """`context + continuation[:-1]` for each distinct multi-token continuation, or the context alone."""
+        tails = list(dict.fromkeys(cont[:-1] for _, cont in self.requests if len(cont) > 1))
+        return [self.context + tail for tail in tails] or [self.context]
+
+
+@dataclass(frozen=True)
+class _Row:
+    unit: _Unit
+    tokens: tuple[int, ...]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _blocks(units: list[_Unit], batch_size: int, share: bool) -> list[list[_Row]]:
+    """Rows grouped into forward passes (see the module docstring)."""
+    blocks, single = [], []
+    for unit in sorted(units, key=lambda u: u.context):
+        sequences = unit.sequences()
+        if len(sequences) > 1:
+            rows = [_Row(unit, s) for s in sequences]
+            blocks += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        else:
+            single.append(_Row(unit, sequences[0]))
+    clusters, pool = [], []
+    for row in single:  # sorted by tokens: rows sharing a prefix are neighbours
+        if share and clusters and _common_prefix(clusters[-1][0].tokens, row.tokens) >= MIN_SHARED:
+            clusters[-1].append(row)
+        else:
+            clusters.append([row])
+    for cluster in clusters:
+        if len(cluster) == 1:
+            pool += cluster
+        else:
+            blocks += _by_length(cluster, batch_size)
+    return blocks + _by_length(pool, batch_size)
+
+
+def _by_length(rows: list[_Row], batch_size: int) -> list[list[_Row]]:
+    rows = sorted(rows, key=lambda r: -len(r.tokens))
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@torch.inference_mode()
+def _run_block(model, rows: list[_Row], share: bool, results: list) -> None:
+    """One shared prefix (when there is one), then every row's rest as one right-padded batch."""
+    starts = [len(row.unit.context) - 1 for row in rows]  # the first position whose prediction is scored
+    prefix = min(starts)
+    if share:
+        for row in rows[1:]:
+            prefix = min(prefix, _common_prefix(rows[0].tokens, row.tokens))
+    else:
+        prefix = 0
+    cache = None
+    if prefix:
+        ids = torch.tensor([rows[0].tokens[:prefix]], device=model.device)
+        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        if len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
+    width = max(len(row.tokens) for row in rows) - prefix
+    first = min(starts) - prefix
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=model.device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.tokens) - prefix] = torch.tensor(row.tokens[prefix:])
+    logits = model(ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=width - first).logits
+    for i, row in enumerate(rows):
+        for index, cont in row.unit.requests:
+            if len(cont) > 1 and row.tokens[len(row.unit.context):] != cont[:-1]:
+                continue  # scored on the row that holds this continuation
+            if len(cont) == 1 and results[index] is not None:
+                continue  # one-token continuations: any row of the unit has the context's logits
+            begin = len(row.unit.context) - 1 - prefix - first
+            rows_logits = logits[i, begin:begin + len(cont)].float()
+            target = torch.tensor(cont, device=rows_logits.device)
+            logprobs = F.log_softmax(rows_logits, dim=-1)
+            results[index] = Loglikelihood(float(logprobs[torch.arange(len(cont)), target].sum()),
+                                           bool((rows_logits.argmax(-1) == target).all()))
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
+                   share_contexts: bool = True, progress: bool = True,
+                   desc: str = "loglikelihood") -> list[Loglikelihood]:
+    """Each `(context, continuation)` request's log-likelihood under `model` as it is now (apply a plan around).
+
+    `batch_size`: sequences per forward pass. `share_contexts=False`: whole sequences only, as lm-eval runs them.
+    """
+    add_special = bos_id(tokenizer) is not None
+    units: dict[tuple[int, ...], _Unit] = {}
+    for index, (context, continuation) in enumerate(requests):
+        context_ids, cont_ids = encode_pair(tokenizer, context, continuation, add_special)
+        if not context_ids or not cont_ids:
+            raise ValueError(f"request {index} has an empty context or continuation after tokenization")
+        key = tuple(context_ids) if share_contexts else (index, *context_ids)
+        unit = units.setdefault(key, _Unit(tuple(context_ids)))
+        unit.requests.append((index, tuple(cont_ids)))
+    results: list[Loglikelihood | None] = [None] * len(requests)
+    blocks = _blocks(list(units.values()), batch_size, share_contexts)
+    with tqdm(total=sum(len(b) for b in blocks), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+        for block in blocks:
+            _run_block(model, block, share_contexts, results)
+            bar.update(len(block))
+    return results

@@ -1,0 +1,266 @@
+"""The zero-shot task registry: lm-eval's names, where each task's rows come from, and how it is scored.
+
+Names are lm-evaluation-harness 0.4.13's: `arc_easy`, `piqa`, `winogrande`, `boolq`, `openbookqa`,
+`lambada_openai`, `hellaswag`, `mmlu`, its groups `mmlu_stem`, `mmlu_humanities`,
+`mmlu_social_sciences`, `mmlu_other` and its 57 subjects `mmlu_<subject>`. `suite` stands for the
+whole standard suite, `mc` for `hellaswag` (its old name here); `ppl`, `samples` and `speed` are
+layerlab's own measures (`evaluate/compare.py`). `parse_tasks` checks a `--tasks` text against
+these names before any model loads.
+
+Rows are the exact requests lm-eval builds (see `data/tasks/README.md`): read from the subsets bundled
+with layerlab, or from a folder holding the full files under the same names (`task_data`; a task whose
+file the folder lacks falls back to the bundled subset, and the result says which file was used).
+Scoring follows lm-eval: `acc`/`acc_norm` for multiple choice (`evaluate/multiple_choice.py`),
+WinoGrande's partial scoring, LAMBADA's greedy-match `acc` and per-row `perplexity`, MMLU's subject
+and group scores as plain means over rows. Each task has a headline metric (shown in tables and
+averaged over the suite): `acc_norm` where lm-eval reports it, `acc` elsewhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from ..corpora import DataError, Item, read_items
+from ..errors import LayerlabError
+from . import stats
+from .loglikelihood import loglikelihoods
+from .multiple_choice import CPU_BATCH, score_items
+
+MMLU_GROUPS = {
+    "stem": ("abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+             "high_school_physics", "high_school_statistics", "machine_learning"),
+    "humanities": ("formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"),
+    "social_sciences": ("econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"),
+    "other": ("business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+              "professional_medicine", "virology"),
+}
+GROUP_OF = {subject: group for group, subjects in MMLU_GROUPS.items() for subject in subjects}
+MMLU_SUBJECTS = tuple(sorted(GROUP_OF))  # lm-eval's order: alphabetical, as in the data file
+
+
+class TaskError(LayerlabError):
+    """A task name that layerlab does not know."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # row format: "choice", "partial" (WinoGrande) or "cloze" (LAMBADA); see corpora.ROW_FORMATS
+    file: str  # file name, in a task folder and among the bundled subsets
+    metrics: tuple[str, ...]  # what lm-eval reports for it
+    headline: str  # the metric shown in tables and averaged over tasks
+    subjects: tuple[str, ...] = ()  # MMLU: the subjects it covers
+
+
+def _mmlu(name: str, subjects: tuple[str, ...]) -> Task:
+    return Task(name, "choice", "mmlu_test.jsonl", ("acc",), "acc", subjects)
+
+
+TASKS: dict[str, Task] = {task.name: task for task in [
+    Task("arc_easy", "choice", "arc_easy_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("piqa", "choice", "piqa_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("winogrande", "partial", "winogrande_val.jsonl", ("acc",), "acc"),
+    Task("boolq", "choice", "boolq_val.jsonl", ("acc",), "acc"),
+    Task("openbookqa", "choice", "openbookqa_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("lambada_openai", "cloze", "lambada_openai_test.jsonl", ("perplexity", "acc"), "acc"),
+    Task("hellaswag", "choice", "hellaswag_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    _mmlu("mmlu", MMLU_SUBJECTS),
+    *(_mmlu(f"mmlu_{group}", subjects) for group, subjects in MMLU_GROUPS.items()),
+    *(_mmlu(f"mmlu_{subject}", (subject,)) for subject in MMLU_SUBJECTS),
+]}
+SUITE = ("arc_easy", "piqa", "winogrande", "boolq", "openbookqa", "lambada_openai", "mmlu", "hellaswag")
+MEASURES = {
+    "ppl": "perplexity over windows of a text",
+    "samples": "greedy continuations of prompts",
+    "speed": "prefill and decode speed-ups over interleaved rounds, parameter bytes, peak memory",
+}
+ALIASES = {"mc": ("hellaswag",), "suite": SUITE}
+BUNDLED = {"hellaswag": "hellaswag_val_2k.jsonl"}  # bundled under another name, in data/ itself
+
+
+def parse_tasks(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Task names from `--tasks` text (comma-separated), aliases expanded, duplicates dropped, each checked."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [n.strip() for n in text]
+    out: list[str] = []
+    for name in filter(None, names):
+        for resolved in ALIASES.get(name, (name,)):
+            if resolved not in TASKS and resolved not in MEASURES:
+                raise TaskError(_unknown(resolved))
+            if resolved not in out:
+                out.append(resolved)
+    if not out:
+        raise TaskError("no task given; name at least one, e.g. --tasks ppl,hellaswag or --tasks suite")
+    return tuple(out)
+
+
+def _unknown(name: str) -> str:
+    known = [*MEASURES, *ALIASES, *(t for t in TASKS if t not in _SUBJECT_TASKS)]
+    close = difflib.get_close_matches(name, [*known, *_SUBJECT_TASKS], n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown task {name!r}; {hint}known: {', '.join(known)}, mmlu_<subject> (57 subjects)"
+
+
+_SUBJECT_TASKS = tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's rows as they will be scored, and which file they came from."""
+
+    task: Task
+    items: tuple[Item, ...]
+    source: str  # "bundled:<file>" or the file's path
+    sha256: str  # of the whole file the rows were read from
+
+    def key(self) -> dict:
+        """What decides this task's numbers (besides model and plan), for resumable results."""
+        return {"task": self.task.name, "rows": len(self.items), "data": self.source, "data_sha256": self.sha256}
+
+
+def task_file(task: Task, folder: str | Path | None) -> tuple[Path, str]:
+    """The file holding `task`'s rows: in `folder` when it has one, else the bundled subset."""
+    if folder is not None:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"task data folder {folder} does not exist; give a folder of task files "
+                            f"(e.g. {TASKS['arc_easy'].file}) or leave it out to use the bundled subsets")
+        if (folder / task.file).is_file():
+            return folder / task.file, str((folder / task.file).resolve())
+    name = BUNDLED.get(task.name)
+    bundled = files("layerlab").joinpath("data", name) if name else files("layerlab").joinpath("data", "tasks",
+                                                                                                 task.file)
+    return Path(str(bundled)), f"bundled:{name or task.file}"
+
+
+def load_task(name: str, rows: int | None = None, folder: str | Path | None = None) -> TaskData:
+    """The rows of task `name` (all, or the first `rows`; MMLU groups take them round-robin over subjects)."""
+    task = TASKS[name]
+    path, source = task_file(task, folder)
+    items = read_items(path, task.kind)
+    if task.subjects:
+        items = _subject_rows(items, task, path, rows)
+    elif rows is not None:
+        items = items[:rows]
+    return TaskData(task, items, source, _sha256(path, path.stat().st_mtime_ns))
+
+
+def _subject_rows(items: tuple[Item, ...], task: Task, path: Path, rows: int | None) -> tuple[Item, ...]:
+    """The task's subjects' rows, subject by subject; a limit takes row 1 of each subject, then row 2, ..."""
+    by_subject: dict[str, list[Item]] = {s: [] for s in task.subjects}
+    for item in items:
+        if getattr(item, "subject", None) in by_subject:
+            by_subject[item.subject].append(item)
+    missing = [s for s, rows_of in by_subject.items() if not rows_of]
+    if missing:
+        raise DataError(f"{path} has no rows for the MMLU subject(s) {', '.join(missing[:3])} that {task.name} needs")
+    take = dict.fromkeys(task.subjects, 0)  # rows taken from each subject, in round-robin turns
+    while rows is not None and sum(take.values()) < rows:
+        open_subjects = [s for s in task.subjects if take[s] < len(by_subject[s])]
+        if not open_subjects:
+            break
+        for subject in open_subjects[: rows - sum(take.values())]:
+            take[subject] += 1
+    return tuple(item for s in task.subjects for item in (by_subject[s] if rows is None else by_subject[s][:take[s]]))
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: Path, stamp: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Per-item outcomes of one task under one plan: enough for its metrics, intervals and paired deltas."""
+
+    task: str
+    per_item: dict[str, tuple[float, ...]]  # metric -> one value per item (0/1; LAMBADA also "loglikelihood")
+    chance: tuple[float, ...]  # per item, the expected accuracy of a uniform guess
+    subjects: tuple[str, ...] | None = None  # MMLU: each item's subject
+    loglikelihoods: tuple[tuple[float, ...], ...] = ()  # per item, per choice (not stored; for agreement checks)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "per_item": {k: list(v) for k, v in self.per_item.items()},
+                "chance": list(self.chance), "subjects": list(self.subjects) if self.subjects else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskResult:
+        return cls(data["task"], {k: tuple(v) for k, v in data["per_item"].items()}, tuple(data["chance"]),
+                   tuple(data["subjects"]) if data.get("subjects") else None)
+
+
+def run_task(model, tokenizer, data: TaskData, batch_size: int | None = None, progress: bool = True) -> TaskResult:
+    """Score every row of `data` under `model` as it is now (apply a plan around the call)."""
+    task, items = data.task, list(data.items)
+    if task.kind == "cloze":
+        results = loglikelihoods(model, tokenizer, [item.requests()[0] for item in items],
+                                 batch_size=batch_size or CPU_BATCH, share_contexts=batch_size is None,
+                                 progress=progress, desc=task.name)
+        return TaskResult(task.name, {"acc": tuple(float(r.greedy) for r in results),
+                                      "loglikelihood": tuple(r.logprob for r in results)},
+                          (0.0,) * len(items), loglikelihoods=tuple((r.logprob,) for r in results))
+    scores = score_items(model, tokenizer, items, batch_size, progress, desc=task.name)
+    per_item = {"acc": tuple(float(s.prediction == s.label) for s in scores),
+                "acc_norm": tuple(float(s.prediction_norm == s.label) for s in scores)}
+    subjects = tuple(item.subject for item in items) if task.subjects else None
+    return TaskResult(task.name, {m: per_item[m] for m in task.metrics}, tuple(1 / len(i.requests()) for i in items),
+                      subjects, tuple(s.loglikelihoods for s in scores))
+
+
+def summarize(result: TaskResult, confidence: float = stats.CONFIDENCE) -> dict:
+    """Metrics with intervals (and MMLU subject and group scores) of one task result, as plain data."""
+    task = TASKS[result.task]
+    metrics = {}
+    for metric in task.metrics:
+        if metric == "perplexity":  # lm-eval: exp(-mean over rows of the continuation's log-likelihood)
+            lls = result.per_item["loglikelihood"]
+            metrics[metric] = stats.perplexity([-v for v in lls], [1] * len(lls), confidence).to_dict()
+        else:
+            metrics[metric] = stats.accuracy(result.per_item[metric], confidence).to_dict()
+    head = metrics[task.headline]
+    out = {"metric": task.headline, "value": head["value"], "interval": head["interval"],
+           "n": len(result.chance), "chance": sum(result.chance) / len(result.chance), "metrics": metrics,
+           "per_item": {k: list(v) for k, v in result.per_item.items()}}
+    if result.subjects:
+        out["subjects"] = _grouped(result, lambda s: s, confidence)
+        out["groups"] = _grouped(result, GROUP_OF.__getitem__, confidence)
+    return out
+
+
+def _grouped(result: TaskResult, group_of, confidence: float) -> dict:
+    """Headline accuracy of each subject (or group): plain means over its rows, as lm-eval weights them."""
+    members: dict[str, list[float]] = {}
+    for subject, value in zip(result.subjects, result.per_item["acc"], strict=True):
+        members.setdefault(group_of(subject), []).append(value)
+    return {name: stats.accuracy(values, confidence).to_dict() | {"n": len(values)}
+            for name, values in sorted(members.items())}
+
+
+def paired(base: dict, other: dict, confidence: float = stats.CONFIDENCE) -> dict:
+    """Differences of every metric against the baseline's summary of the same task, paired on items."""
+    if base["n"] != other["n"]:
+        raise ValueError("paired differences need the same items on both sides")
+    out = {}
+    for metric in base["metrics"]:
+        if metric == "perplexity":
+            ones = [1] * len(base["per_item"]["loglikelihood"])
+            diff = stats.paired_perplexity([-v for v in base["per_item"]["loglikelihood"]],
+                                           [-v for v in other["per_item"]["loglikelihood"]], ones, confidence)
+        else:
+            diff = stats.paired_accuracy(base["per_item"][metric], other["per_item"][metric], confidence)
+        out[metric] = diff.to_dict()
+    return out
