@@ -42,7 +42,7 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["per_window"] = {"nll": data.pop("window_nll"), "tokens": data.pop("window_tokens")}
+        data["per_window"] = {"nll": list(data.pop("window_nll")), "tokens": list(data.pop("window_tokens"))}
         return data
 
 

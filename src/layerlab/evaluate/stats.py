@@ -4,16 +4,16 @@
 - Perplexity over windows (or LAMBADA's per-row perplexity): perplexity is exp(mean NLL per token),
   a ratio of sums over windows; its interval is a Student-t interval of that ratio over the windows
   (ratio estimator, delta method), mapped through exp. Windows are treated as independent draws.
-- Accuracy difference against the baseline on the same items: exact McNemar test (two-sided binomial
-  test on the items where exactly one of the two is right) and its matching exact interval (Clopper-
-  Pearson on the share of those items the plan gets right, conditional on their number); the interval
-  excludes 0 exactly when p < 1 - confidence.
+- Accuracy difference against the baseline on the same items: the Agresti-Min interval (a Wald interval
+  of the paired difference after adding 1/2 to each cell of the 2x2 table: good coverage at small n,
+  and not degenerate when the two never disagree) and the exact McNemar test (two-sided binomial test
+  on the items where exactly one of the two is right). Significant only when both say so.
 - Perplexity difference: the per-window NLL differences (same windows, same tokens), t interval of
   their ratio estimator, reported as a percentage change of perplexity.
 - Average over tasks (each task's headline accuracy, tasks weighted equally): percentile bootstrap
   over items within tasks (stratified, seeded); its difference against the baseline resamples the
   same items for both (paired).
-A difference is `significant` when its interval excludes 0.
+A difference is `significant` when its interval excludes 0 (and, for accuracy, McNemar's p < 0.05).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Difference:
 
 def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion."""
-    z = scipy_stats.norm.ppf(0.5 + confidence / 2)
+    z = float(scipy_stats.norm.ppf(0.5 + confidence / 2))
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -74,13 +74,13 @@ def _ratio_t(numerators: Sequence[float], denominators: Sequence[float],
              confidence: float) -> tuple[float, float | None, float | None, float | None]:
     """sum(num) / sum(den), its t interval over the pairs (ratio estimator), and its standard error."""
     num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
-    ratio = num.sum() / den.sum()
+    ratio = float(num.sum() / den.sum())
     n = len(num)
     if n < 2:
         return ratio, None, None, None
     residual = num - ratio * den
-    se = math.sqrt((residual ** 2).sum() / (n - 1) / n) / den.mean()
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * se
+    se = float(math.sqrt((residual ** 2).sum() / (n - 1) / n) / den.mean())
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
     return ratio, ratio - half, ratio + half, se
 
 
@@ -104,22 +104,20 @@ def paired_perplexity(base_nll: Sequence[float], nll: Sequence[float], tokens: S
 
 
 def paired_accuracy(base: Sequence[float], other: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
-    """Accuracy difference on the same items: exact McNemar p and its conditional exact interval."""
+    """Accuracy difference on the same items: Agresti-Min interval, exact McNemar p; significant if both agree."""
     if len(base) != len(other):
         raise ValueError("paired differences need the same items on both sides")
     n = len(base)
     gained = sum(1 for a, b in zip(base, other, strict=True) if b > a)  # right only under `other`
     lost = sum(1 for a, b in zip(base, other, strict=True) if a > b)
-    m = gained + lost
-    value = (gained - lost) / n
-    if m == 0:
-        return Difference(value, 0.0, 0.0, False, 1.0, "exact McNemar")
-    p = float(scipy_stats.binomtest(gained, m, 0.5).pvalue)
-    alpha = 1 - confidence
-    low_share = 0.0 if gained == 0 else float(scipy_stats.beta.ppf(alpha / 2, gained, m - gained + 1))
-    high_share = 1.0 if gained == m else float(scipy_stats.beta.ppf(1 - alpha / 2, gained + 1, m - gained))
-    return Difference(value, m * (2 * low_share - 1) / n, m * (2 * high_share - 1) / n, p < alpha, p,
-                      "exact McNemar")
+    # Agresti & Min (2005): add 1/2 to each of the four cells of the paired table, then a Wald interval
+    up, down, total = gained + 0.5, lost + 0.5, n + 2
+    centre = (up - down) / total
+    half = float(scipy_stats.norm.ppf(0.5 + confidence / 2)) * math.sqrt((up + down) - (up - down) ** 2 / total) / total
+    low, high = max(-1.0, centre - half), min(1.0, centre + half)
+    p = float(scipy_stats.binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
+    return Difference((gained - lost) / n, low, high, p < 1 - confidence and (low > 0 or high < 0), p,
+                      "Agresti-Min interval, exact McNemar test")
 
 
 def _resampled_means(tasks: Sequence[np.ndarray], resamples: int, seed: int) -> np.ndarray:

@@ -3,14 +3,15 @@
 `summary_table`: one row per plan -- perplexity, each task's headline metric, the average over tasks, their
 differences against the baseline, speed-up, size, a sample. `task_table`: one row per plan, task and
 metric, with exact intervals and p-values. Every value carries its 95 % interval (`±` half-width, or
-`[low, high]`), and a difference whose interval includes 0 is marked `n.s.` (not significant).
+`[low, high]`), and a difference that is not significant (`evaluate/stats.py`) is marked `n.s.`.
 """
 
 from __future__ import annotations
 
 from .speed import Ratio
 
-NOTE = ("± and [low, high]: 95 % intervals; n.s.: not significant (the difference's interval includes 0); "
+NOTE = ("± and [low, high]: 95 % intervals; n.s.: not significant (the difference's interval includes 0, or for "
+        "an accuracy the exact McNemar test gives p >= 0.05); "
         "Δ: paired against the baseline (first row) on the same items or windows; speed: median speed-up over "
         "interleaved rounds (interquartile range), 'unreliable' when the rounds disagree")
 TASK_DELTAS_INLINE = 2  # at most this many zero-shot tasks get a Δ column each in the summary
