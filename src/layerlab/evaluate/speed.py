@@ -39,6 +39,7 @@ class Rounds:
     rounds: int = 3  # rounds measured at least (after one discarded warm-up round)
     max_rounds: int = 9  # rounds at most, added one by one while the per-round ratios disagree
     max_spread: float = 0.10  # agreement: interquartile range of the per-round ratios / their median
+    warmup: bool = True  # time one more round first and discard it (off when measures warm up by themselves)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.max_rounds < self.rounds:
@@ -112,14 +113,14 @@ def prefill_decode_seconds(model, ids: torch.Tensor, decode_tokens: int) -> tupl
 
 
 def interleaved(measures: dict[str, Callable[[], Any]], rounds: int, until: Callable[[dict], bool] | None = None,
-                max_rounds: int | None = None) -> dict[str, list]:
-    """Each measure once per round, the order rotating; round 0 warms up and is discarded.
+                max_rounds: int | None = None, warmup: bool = True) -> dict[str, list]:
+    """Each measure once per round, the order rotating; round 0 warms up and is discarded (unless not `warmup`).
 
     After `rounds` rounds, more are added while `until(samples)` is false, up to `max_rounds`.
     """
     names = list(measures)
     samples: dict[str, list] = {name: [] for name in names}
-    index = 0
+    index = 0 if warmup else 1
     while index <= rounds or (until is not None and index <= (max_rounds or rounds) and not until(samples)):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -153,7 +154,7 @@ def compare_speed(measures: dict[str, Callable[[], Any]], baseline: str, setting
     def agree(samples: dict[str, list]) -> bool:
         return all(r.reliable for by_name in ratios(samples).values() for r in by_name.values())
 
-    samples = interleaved(measures, settings.rounds, agree, settings.max_rounds)
+    samples = interleaved(measures, settings.rounds, agree, settings.max_rounds, settings.warmup)
     return samples, ratios(samples)
 
 

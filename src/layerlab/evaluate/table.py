@@ -17,13 +17,15 @@ NOTE = ("± and [low, high]: 95 % intervals; n.s.: not significant (the differen
 TASK_DELTAS_INLINE = 2  # at most this many zero-shot tasks get a Δ column each in the summary
 
 
-def _pm(value: float, interval: list | None, digits: int) -> str:
+def estimate_text(value: float, interval: list | None, digits: int) -> str:
+    """`0.452 ±0.069`: the value and the half-width of its interval."""
     if not interval or interval[0] is None:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} ±{(interval[1] - interval[0]) / 2:.{digits}f}"
 
 
-def _delta(delta: dict | None, digits: int, unit: str = "") -> str:
+def delta_text(delta: dict | None, digits: int, unit: str = "") -> str:
+    """`-0.040 [-0.090, +0.010] n.s.`: a difference, its interval, and `n.s.` unless significant."""
     if not delta:
         return "-"
     low, high = delta["interval"]
@@ -40,17 +42,18 @@ def summary_table(results: dict) -> list[list[str]]:
     tasks = list(first.get("tasks", {}))
     columns: list[tuple[str, object]] = []
     if "ppl" in first:
-        columns += [("ppl", lambda r: _pm(r["ppl"]["perplexity"], r["ppl"].get("interval"), 2)),
-                    ("Δppl", lambda r: _delta(r["ppl"].get("delta"), 1, "%"))]
+        columns += [("ppl", lambda r: estimate_text(r["ppl"]["perplexity"], r["ppl"].get("interval"), 2)),
+                    ("Δppl", lambda r: delta_text(r["ppl"].get("delta"), 1, "%"))]
     for task in tasks:
         metric = first["tasks"][task]["metric"]
         columns.append((f"{task} {metric}",
-                        lambda r, t=task: _pm(r["tasks"][t]["value"], r["tasks"][t]["interval"], 3)))
+                        lambda r, t=task: estimate_text(r["tasks"][t]["value"], r["tasks"][t]["interval"], 3)))
         if len(tasks) <= TASK_DELTAS_INLINE:
-            columns.append((f"Δ{metric}", lambda r, t=task, m=metric: _delta(r["tasks"][t].get("delta", {}).get(m), 3)))
+            columns.append((f"Δ{metric}",
+                            lambda r, t=task, m=metric: delta_text(r["tasks"][t].get("delta", {}).get(m), 3)))
     if "average" in first and len(tasks) > 1:
-        columns += [("average", lambda r: _pm(r["average"]["value"], r["average"]["interval"], 3)),
-                    ("Δaverage", lambda r: _delta(r["average"].get("delta"), 3))]
+        columns += [("average", lambda r: estimate_text(r["average"]["value"], r["average"]["interval"], 3)),
+                    ("Δaverage", lambda r: delta_text(r["average"].get("delta"), 3))]
     if "speed" in first:
         columns += [("decode ×", lambda r: _ratio(r, "decode")),
                     ("prefill ×", lambda r: _ratio(r, "prefill")),
@@ -111,5 +114,5 @@ def _task_row(plan: str, task: str, metric: str, n: int, value: float, interval:
     if delta["significant"]:
         verdict = "worse" if (delta["value"] > 0) == lower_is_better else "better"
     p = "-" if delta["p"] is None else f"{delta['p']:.3g}"
-    return [plan, task, metric, str(n), shown, _delta(delta, 1 if unit else digits, unit).removesuffix(" n.s."), p,
+    return [plan, task, metric, str(n), shown, delta_text(delta, 1 if unit else digits, unit).removesuffix(" n.s."), p,
             verdict]
