@@ -16,27 +16,16 @@ rounds the ratio is the median of per-round ratios with its spread (`evaluate/sp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import layerlab
-from layerlab.evaluate.lm_eval_adapter import write_task
+from layerlab.evaluate.lm_eval_adapter import write_task_rows
 from layerlab.evaluate.speed import Rounds, compare_speed
 from layerlab.evaluate.tasks import TASKS, TaskData, load_task, parse_tasks, run_task, summarize
-
-
-def write_rows(data: TaskData, folder: Path) -> str:
-    """The task's rows as a local lm-eval task named `layerlab_<task>`; returns the task name."""
-    name = f"layerlab_{data.task.name}"
-    rows = folder / f"{name}.jsonl"
-    rows.write_text("".join(json.dumps({k: v for k, v in asdict(item).items() if v is not None}) + "\n"
-                            for item in data.items))
-    write_task(rows, folder, name, data.task.kind)
-    return name
 
 
 def lm_eval_run(lm, task_manager, name: str) -> tuple[dict, list[dict]]:
@@ -82,8 +71,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="layerlab-tasks-"))
     datas = {n: load_task(n, args.rows, args.data) for n in names}
     warm = {n: replace(d, items=d.items[:2]) for n, d in datas.items()}
-    local = {n: write_rows(d, folder) for n, d in datas.items()} | {f"warm:{n}": write_rows(
-        replace(d, task=replace(d.task, name=f"{n}_warmup")), folder) for n, d in warm.items()}
+    local = {n: write_task_rows(d, folder) for n, d in datas.items()}
+    local |= {f"warm:{n}": write_task_rows(d, folder, f"layerlab_{n}_warmup") for n, d in warm.items()}
     task_manager = TaskManager(include_path=str(folder))
     print(f"{args.model} on {args.device}; the first {args.rows} rows of each task ({args.data or 'bundled subsets'}); "
           f"lm-eval {lm.batch_size} per batch, layerlab {args.batch_size or 'shared contexts'}; "

@@ -12,6 +12,8 @@ model with the plan applied. lm-eval 0.4.13 does not discover other packages' pl
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from lm_eval.models.huggingface import HFLM
 from ..models import load
 from ..plan import Plan
 from ..runtime import apply_plan
+from .tasks import TaskData
 
 
 @register_model("layerlab")
@@ -68,6 +71,17 @@ def write_task(data: str | Path, folder: str | Path, name: str, kind: str = "cho
                              "higher_is_better": m != "perplexity"} for m in metrics]}
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     return folder
+
+
+def write_task_rows(data: TaskData, folder: str | Path, name: str | None = None) -> str:
+    """A layerlab task's selected rows as a local lm-eval task (`layerlab_<task>` unless named); returns its name."""
+    name = name or f"layerlab_{data.task.name}"
+    rows = Path(folder) / f"{name}.jsonl"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    rows.write_text("".join(json.dumps({k: v for k, v in asdict(item).items() if v is not None}) + "\n"
+                            for item in data.items))
+    write_task(rows, folder, name, data.task.kind)
+    return name
 
 
 def write_choice_task(data: str | Path, folder: str | Path, name: str = "layerlab_choice") -> Path:
