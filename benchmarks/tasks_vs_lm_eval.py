@@ -11,6 +11,7 @@ rounds the ratio is the median of per-round ratios with its spread (`evaluate/sp
 
     python benchmarks/tasks_vs_lm_eval.py [--model smollm2-135m] [--tasks suite] [--rows 200]
         [--data /work/shared/data/tasks] [--rounds 1] [--lm-eval-batch-size 1] [--batch-size B] [--device cpu]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 import layerlab
 from layerlab.evaluate.lm_eval_adapter import write_task_rows
@@ -60,7 +63,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="layerlab: whole sequences per forward pass (default: shared contexts, CPU batches)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -76,7 +82,7 @@ def main() -> None:
     task_manager = TaskManager(include_path=str(folder))
     print(f"{args.model} on {args.device}; the first {args.rows} rows of each task ({args.data or 'bundled subsets'}); "
           f"lm-eval {lm.batch_size} per batch, layerlab {args.batch_size or 'shared contexts'}; "
-          f"{args.rounds} timed round(s), interleaved", flush=True)
+          f"{args.rounds} timed round(s), interleaved; torch threads {torch.get_num_threads()}", flush=True)
     totals = {"ours": 0.0, "theirs": 0.0, "items": 0}
     for name, data in datas.items():
         run_task(model, tokenizer, warm[name], args.batch_size, progress=False)

@@ -139,13 +139,13 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, 
     results = ResultStore(store)
     fingerprint = model_fingerprint(model, tokenizer)
     text = read_text(settings.ppl_text) if "ppl" in settings.tasks else None
-    work = [t for t in settings.tasks if t != "speed"]
+    work = {task: _task_key(task, settings, data, text) for task in settings.tasks if task != "speed"}
     rows = [{"plan": plan.to_text(), "steps": len(plan.steps)} for plan in plans]
     with tqdm(total=len(plans) * len(work), desc="evaluate", unit="task", disable=not progress) as bar:
         for row, plan in zip(rows, plans, strict=True):
-            for task in work:
+            for task, task_key in work.items():
                 bar.set_postfix_str(f"{row['plan'][:30]}: {task}")
-                key = {"model": fingerprint, "plan": row["plan"], "task": task, **_task_key(task, settings, data, text)}
+                key = {"model": fingerprint, "plan": row["plan"], "task": task, **task_key}
                 value = results.get(key)
                 if value is None:
                     value = _measure(model, tokenizer, plan, task, settings, data, text)
