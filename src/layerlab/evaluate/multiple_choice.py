@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..corpora import Choice, PartialChoice
-from .loglikelihood import loglikelihoods
-
-CPU_BATCH = 8  # sequences per forward pass when contexts are shared
+from .loglikelihood import CPU_BATCH, loglikelihoods
 
 
 @dataclass(frozen=True)

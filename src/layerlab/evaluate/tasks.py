@@ -28,8 +28,8 @@ from pathlib import Path
 from ..corpora import DataError, Item, read_items
 from ..errors import LayerlabError
 from . import stats
-from .loglikelihood import loglikelihoods
-from .multiple_choice import CPU_BATCH, score_items
+from .loglikelihood import CPU_BATCH, loglikelihoods
+from .multiple_choice import score_items
 
 MMLU_GROUPS = {
     "stem": ("abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
