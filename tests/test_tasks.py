@@ -46,6 +46,9 @@ def engine_requests(model, tokenizer, rng: random.Random) -> list[tuple[str, str
     shared = ids(20)  # one context, several continuations of one and of many tokens, one of them greedy
     requests = [(text_of(shared), text_of(ids(k))) for k in (1, 1, 3, 5, 2)]
     requests.append((text_of(shared), text_of(greedy_ids(model, tokenizer, shared, 3))))
+    for length in (5, 27, 13, 2):  # more such contexts, of other lengths: they share forward passes (left padding)
+        context = ids(length)
+        requests += [(text_of(context), text_of(ids(k))) for k in (2, 4, 1, 3)]
     prefix = ids(MIN_SHARED + 4)  # neighbours sharing a prefix (MMLU's subject header)
     for tail in (5, 9, 15, 7, 1):
         context = prefix + ids(tail)

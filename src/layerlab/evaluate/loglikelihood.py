@@ -11,14 +11,17 @@ How the model is run (`share_contexts=True`, the default):
   `context + continuation[:-1]` (the last continuation token is only predicted, never fed); a
   one-token continuation needs no sequence of its own, only the logits after the context, so an MMLU
   or BoolQ item is one sequence however many answers it has.
-- A unit with several sequences (HellaSwag, ARC: one per ending) runs its context once and the
-  endings as one right-padded batch on the context's KV cache.
-- Units of one sequence each (MMLU, BoolQ, LAMBADA, WinoGrande's contexts) run `batch_size` at a
-  time: sorted by their tokens, neighbours that share a prefix of at least `MIN_SHARED` tokens (MMLU's
-  per-subject header, WinoGrande's sentence before the blank, a BoolQ passage asked twice) run that
-  prefix once; the rest are sorted by length so the padding stays small.
+- Units with several sequences (HellaSwag, ARC, PIQA, OpenBookQA: one per ending) run `batch_size`
+  contexts per forward pass, left-padded so that they end together (pads masked, positions counted
+  from each context's first real token), then all their endings in one more pass on that KV cache:
+  two passes for `batch_size` items, and no context token runs twice.
+- Units of one sequence each (MMLU, BoolQ, LAMBADA, WinoGrande's contexts) run `batch_size` whole
+  sequences per pass, right-padded: sorted by their tokens, neighbours that share a prefix of at least
+  `MIN_SHARED` tokens (MMLU's per-subject header, WinoGrande's sentence before the blank, a BoolQ
+  passage asked twice) run that prefix once first; the rest are sorted by length so padding stays small.
 - The LM head runs only on the positions whose predictions are scored (`logits_to_keep`).
-Right padding is never attended to (attention is causal), so padding changes no number.
+Right padding is never attended to (attention is causal); left padding is masked. On a CPU the cost of
+a forward pass of a small model is dominated by reading its weights, so fewer, fuller passes win.
 
 `share_contexts=False` runs every request as one whole sequence, `batch_size` of them per forward pass,
 longest first (what lm-eval does; best on accelerators with large batches). Both ways agree with a
@@ -83,37 +86,90 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _blocks(units: list[_Unit], batch_size: int, share: bool) -> list[list[_Row]]:
-    """Rows grouped into forward passes (see the module docstring)."""
-    blocks, single = [], []
+def _blocks(units: list[_Unit], batch_size: int, share: bool) -> tuple[list[list[_Unit]], list[list[_Row]]]:
+    """Forward-pass groups (see the module docstring): units with several sequences, `batch_size` per group,
+    and the rows of one-sequence units, clustered by shared prefixes, else by length."""
+    multi, single = [], []
     for unit in sorted(units, key=lambda u: u.context):
         sequences = unit.sequences()
-        if len(sequences) > 1:
-            rows = [_Row(unit, s) for s in sequences]
-            blocks += [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        if share and len(sequences) > 1:
+            multi.append(unit)
         else:
-            single.append(_Row(unit, sequences[0]))
+            single += [_Row(unit, s) for s in sequences]
+    multi.sort(key=lambda u: -len(u.context))  # similar lengths side by side: little padding
     clusters, pool = [], []
     for row in single:  # sorted by tokens: rows sharing a prefix are neighbours
         if share and clusters and _common_prefix(clusters[-1][0].tokens, row.tokens) >= MIN_SHARED:
             clusters[-1].append(row)
         else:
             clusters.append([row])
+    rows = []
     for cluster in clusters:
         if len(cluster) == 1:
             pool += cluster
         else:
-            blocks += _by_length(cluster, batch_size)
-    return blocks + _by_length(pool, batch_size)
+            rows += _by_length(cluster, batch_size)
+    return _chunks(multi, batch_size), rows + _by_length(pool, batch_size)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _by_length(rows: list[_Row], batch_size: int) -> list[list[_Row]]:
-    rows = sorted(rows, key=lambda r: -len(r.tokens))
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    return _chunks(sorted(rows, key=lambda r: -len(r.tokens)), batch_size)
+
+
+def _score(logits: torch.Tensor, cont: tuple[int, ...]) -> Loglikelihood:
+    """The continuation's log-likelihood and greedy flag from the logits that predict each of its tokens."""
+    logits = logits.float()
+    target = torch.tensor(cont, device=logits.device)
+    logprobs = F.log_softmax(logits, dim=-1)
+    return Loglikelihood(float(logprobs[torch.arange(len(cont)), target].sum()),
+                         bool((logits.argmax(-1) == target).all()))
 
 
 @torch.inference_mode()
-def _run_block(model, rows: list[_Row], share: bool, results: list) -> None:
+def _run_contexts(model, units: list[_Unit], results: list) -> None:
+    """Several contexts in one left-padded pass, then all their continuations in one pass on that cache.
+
+    Left padding lines the contexts up at the end, so the logits after each context are in the last
+    column; pads are masked out and positions count real tokens only, so nothing changes any number.
+    """
+    lengths = torch.tensor([len(u.context) for u in units], device=model.device)
+    width = int(lengths.max())
+    ids = torch.zeros(len(units), width, dtype=torch.long, device=model.device)
+    mask = torch.zeros_like(ids)
+    for i, unit in enumerate(units):
+        ids[i, width - len(unit.context):] = torch.tensor(unit.context)
+        mask[i, width - len(unit.context):] = 1
+    out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=1)
+    last = out.logits[:, -1]
+    rows = [(i, tail) for i, unit in enumerate(units) for tail in dict.fromkeys(
+        cont[:-1] for _, cont in unit.requests if len(cont) > 1)]
+    index = torch.tensor([i for i, _ in rows], device=model.device)
+    cache = out.past_key_values
+    cache.batch_select_indices(index)
+    tail_width = max(len(tail) for _, tail in rows)
+    tails = torch.zeros(len(rows), tail_width, dtype=torch.long, device=model.device)
+    for r, (_, tail) in enumerate(rows):
+        tails[r, : len(tail)] = torch.tensor(tail)
+    tail_mask = torch.cat([mask[index], torch.ones_like(tails)], dim=1)
+    positions = lengths[index][:, None] + torch.arange(tail_width, device=model.device)[None, :]
+    logits = model(tails, attention_mask=tail_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True).logits
+    row_of = {row: r for r, row in enumerate(rows)}
+    for i, unit in enumerate(units):
+        for request, cont in unit.requests:
+            predictions = last[i:i + 1]  # the prediction of the first continuation token, then the tail's
+            if len(cont) > 1:
+                predictions = torch.cat([predictions, logits[row_of[i, cont[:-1]], : len(cont) - 1]])
+            results[request] = _score(predictions, cont)
+
+
+@torch.inference_mode()
+def _run_rows(model, rows: list[_Row], share: bool, results: list) -> None:
     """One shared prefix (when there is one), then every row's rest as one right-padded batch."""
     starts = [len(row.unit.context) - 1 for row in rows]  # the first position whose prediction is scored
     prefix = min(starts)
@@ -138,14 +194,8 @@ def _run_block(model, rows: list[_Row], share: bool, results: list) -> None:
         for index, cont in row.unit.requests:
             if len(cont) > 1 and row.tokens[len(row.unit.context):] != cont[:-1]:
                 continue  # scored on the row that holds this continuation
-            if len(cont) == 1 and results[index] is not None:
-                continue  # one-token continuations: any row of the unit has the context's logits
             begin = len(row.unit.context) - 1 - prefix - first
-            rows_logits = logits[i, begin:begin + len(cont)].float()
-            target = torch.tensor(cont, device=rows_logits.device)
-            logprobs = F.log_softmax(rows_logits, dim=-1)
-            results[index] = Loglikelihood(float(logprobs[torch.arange(len(cont)), target].sum()),
-                                           bool((rows_logits.argmax(-1) == target).all()))
+            results[index] = _score(logits[i, begin:begin + len(cont)], cont)
 
 
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = CPU_BATCH,
@@ -165,9 +215,13 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
         unit = units.setdefault(key, _Unit(tuple(context_ids)))
         unit.requests.append((index, tuple(cont_ids)))
     results: list[Loglikelihood | None] = [None] * len(requests)
-    blocks = _blocks(list(units.values()), batch_size, share_contexts)
-    with tqdm(total=sum(len(b) for b in blocks), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
-        for block in blocks:
-            _run_block(model, block, share_contexts, results)
-            bar.update(len(block))
+    context_blocks, row_blocks = _blocks(list(units.values()), batch_size, share_contexts)
+    total = sum(len(b) for b in context_blocks) + sum(len(b) for b in row_blocks)
+    with tqdm(total=total, desc=desc, unit="ctx", disable=not progress, leave=False) as bar:
+        for units_ in context_blocks:
+            _run_contexts(model, units_, results)
+            bar.update(len(units_))
+        for rows in row_blocks:
+            _run_rows(model, rows, share_contexts, results)
+            bar.update(len(rows))
     return results
