@@ -51,6 +51,7 @@ MMLU_GROUPS = {
 }
 GROUP_OF = {subject: group for group, subjects in MMLU_GROUPS.items() for subject in subjects}
 MMLU_SUBJECTS = tuple(sorted(GROUP_OF))  # lm-eval's order: alphabetical, as in the data file
+_SUBJECT_TASKS = tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
 
 
 class TaskError(LayerlabError):
@@ -115,9 +116,6 @@ def _unknown(name: str) -> str:
     return f"unknown task {name!r}; {hint}known: {', '.join(known)}, mmlu_<subject> (57 subjects)"
 
 
-_SUBJECT_TASKS = tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
-
-
 @dataclass(frozen=True)
 class TaskData:
     """A task's rows as they will be scored, and which file they came from."""
@@ -141,10 +139,9 @@ def task_file(task: Task, folder: str | Path | None) -> tuple[Path, str]:
                             f"(e.g. {TASKS['arc_easy'].file}) or leave it out to use the bundled subsets")
         if (folder / task.file).is_file():
             return folder / task.file, str((folder / task.file).resolve())
-    name = BUNDLED.get(task.name)
-    bundled = files("layerlab").joinpath("data", name) if name else files("layerlab").joinpath("data", "tasks",
-                                                                                                 task.file)
-    return Path(str(bundled)), f"bundled:{name or task.file}"
+    if task.name in BUNDLED:
+        return Path(str(files("layerlab").joinpath("data", BUNDLED[task.name]))), f"bundled:{BUNDLED[task.name]}"
+    return Path(str(files("layerlab").joinpath("data", "tasks", task.file))), f"bundled:{task.file}"
 
 
 def load_task(name: str, rows: int | None = None, folder: str | Path | None = None) -> TaskData:
