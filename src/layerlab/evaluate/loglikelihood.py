@@ -96,7 +96,8 @@ def _blocks(units: list[_Unit], batch_size: int, share: bool) -> tuple[list[list
             multi.append(unit)
         else:
             single += [_Row(unit, s) for s in sequences]
-    multi.sort(key=lambda u: -len(u.context))  # similar lengths side by side: little padding
+    multi.sort(key=lambda u: -max(len(c) for _, c in u.requests))  # endings of similar length together: the
+    # continuation pass is the wider one (padded to its longest ending), so this keeps padding smallest
     clusters, pool = [], []
     for row in single:  # sorted by tokens: rows sharing a prefix are neighbours
         if share and clusters and _common_prefix(clusters[-1][0].tokens, row.tokens) >= MIN_SHARED:
