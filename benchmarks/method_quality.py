@@ -30,12 +30,13 @@ from pathlib import Path
 
 import layerlab
 from layerlab.corpora import read_text
-from layerlab.evaluate.compare import EvalSettings, evaluate_plans
+from layerlab.evaluate.compare import evaluate_plans
 from layerlab.evaluate.table import delta_text, estimate_text
-from layerlab.io import atomic_write_text
+from layerlab.io import update_file
 from layerlab.metrics.similarity import similarity
 from layerlab.plan import Plan, Step
 from layerlab.search import Budget, greedy, one_shot
+from layerlab.settings import EvalSettings
 
 ONE_SHOT = {"layer": ("bi", "angular", "cosine"), "attn": ("cosine",), "mlp": ("cosine",)}
 
@@ -140,7 +141,7 @@ def main() -> None:
         row["plan"] = row["plan"].to_text()
         print_row(row, args.eval_texts, tasks)
         done = [r for r in rows if "ppl" in r]
-        atomic_write_text(Path(args.out), json.dumps({"settings": vars(args), "rows": done}, indent=1), force=True)
+        update_file(Path(args.out), json.dumps({"settings": vars(args), "rows": done}, indent=1))
 
 
 if __name__ == "__main__":

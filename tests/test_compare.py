@@ -9,8 +9,9 @@ from tiny import tiny_model
 from layerlab import Plan
 from layerlab.errors import LayerlabError
 from layerlab.evaluate import compare
-from layerlab.evaluate.compare import EvalSettings, evaluate_plans, model_fingerprint
+from layerlab.evaluate.compare import evaluate_plans, model_fingerprint
 from layerlab.evaluate.table import summary_table, task_table
+from layerlab.settings import EvalSettings
 
 SETTINGS = EvalSettings(tasks="ppl,arc_easy,winogrande,lambada_openai,mmlu,samples,speed", rows=4, ctx=64,
                         ppl_windows=3, max_new_tokens=3, speed_prompt_tokens=16, speed_decode_tokens=2,
@@ -90,7 +91,7 @@ def test_changed_settings_recompute_only_what_they_change_and_say_so(model, tmp_
 
 
 def test_settings_are_checked_before_a_model_loads(tmp_path):
-    with pytest.raises(LayerlabError, match="rows must be at least 1"):
+    with pytest.raises(LayerlabError, match="rows must be a number of at least 1"):
         EvalSettings(rows=0)
     with pytest.raises(LayerlabError, match="neither a file nor a bundled name"):
         EvalSettings(tasks="ppl", ppl_text=str(tmp_path / "missing.txt")).check()

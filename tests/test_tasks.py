@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from tiny import NumberTokenizer, text_of, tiny_model
 
 from layerlab import Plan, apply_plan
-from layerlab.corpora import Choice, Cloze, DataError, PartialChoice, read_items
-from layerlab.evaluate.compare import EvalSettings
+from layerlab.corpora import Choice, Cloze, PartialChoice, read_items
+from layerlab.errors import DataError, SettingsError
 from layerlab.evaluate.loglikelihood import MIN_SHARED, encode_pair, loglikelihoods
 from layerlab.evaluate.multiple_choice import argmax
 from layerlab.evaluate.perplexity import bos_id
-from layerlab.evaluate.tasks import MMLU_GROUPS, SUITE, TASKS, TaskError, load_task, parse_tasks, run_task, summarize
+from layerlab.evaluate.tasks import MMLU_GROUPS, SUITE, TASKS, load_task, parse_tasks, run_task, summarize
+from layerlab.settings import EvalSettings
 
 
 @torch.no_grad()
@@ -145,13 +146,13 @@ def test_mmlu_groups_and_subjects_are_plain_means_over_rows(real_vocab):
 def test_task_names_resolve_before_any_model_loads():
     assert parse_tasks("suite") == SUITE and len(TASKS) == 8 + 4 + 57
     assert parse_tasks(" ppl, mc ,hellaswag,mmlu_stem") == ("ppl", "hellaswag", "mmlu_stem")
-    with pytest.raises(TaskError, match="unknown task 'arc_eesy'; did you mean arc_easy"):
+    with pytest.raises(SettingsError, match="unknown task 'arc_eesy'; did you mean arc_easy"):
         parse_tasks("ppl,arc_eesy")
-    with pytest.raises(TaskError, match="did you mean mmlu_astronomy"):
+    with pytest.raises(SettingsError, match="did you mean mmlu_astronomy"):
         EvalSettings(tasks="mmlu_astronmy")
-    with pytest.raises(TaskError, match="no task given"):
+    with pytest.raises(SettingsError, match="no task given"):
         parse_tasks(" , ")
-    assert "\n" not in str(pytest.raises(TaskError, parse_tasks, "nope").value)
+    assert "\n" not in str(pytest.raises(SettingsError, parse_tasks, "nope").value)
 
 
 def write(path, rows):

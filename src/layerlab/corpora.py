@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import LayerlabError
+from .errors import DataError
 
 BUNDLED = {
     "wikitext2-test": "wikitext2_test.txt",
@@ -23,10 +23,6 @@ BUNDLED = {
     "frankenstein": "pg84_frankenstein.txt",
     "hellaswag-2k": "hellaswag_val_2k.jsonl",
 }
-
-
-class DataError(LayerlabError):
-    """A data source that cannot be found or read."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +88,24 @@ def resolve(source: str) -> Path:
     return path
 
 
+def check_source(source: str) -> None:
+    """Fail now, with the file's name, if `source` cannot be read later (before any model loads)."""
+    if source.startswith("hf:"):
+        _hub_parts(source)
+        return
+    path = resolve(source)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {source!r}: {exc.strerror}") from None
+    if not data.strip():
+        raise DataError(f"{source!r} is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{source!r} is not UTF-8 text (a binary file?)") from None
+
+
 def read_text(source: str) -> str:
     """The text of a bundled corpus, a file or `hf:DATASET[:CONFIG]:SPLIT[:FIELD]`."""
     if source.startswith("hf:"):
@@ -102,16 +116,18 @@ def read_text(source: str) -> str:
         raise DataError(f"data source {source!r} is not UTF-8 text") from None
 
 
-def _hub_text(source: str) -> str:
+def _hub_parts(source: str) -> tuple[str, str | None, str, str | None]:
+    """(dataset, config, split, field) of `hf:DATASET[:CONFIG]:SPLIT[:FIELD]`."""
     parts = source[3:].split(":")
-    if len(parts) < 2:
+    if len(parts) < 2 or len(parts) > 4 or not all(parts):
         raise DataError(f"hub source {source!r} must look like hf:DATASET[:CONFIG]:SPLIT[:FIELD]")
-    name, config, split, field = parts[0], *([None] * 3)
     if len(parts) == 2:
-        split = parts[1]
-    else:
-        config, split, *rest = parts[1:]
-        field = rest[0] if rest else None
+        return parts[0], None, parts[1], None
+    return parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else None
+
+
+def _hub_text(source: str) -> str:
+    name, config, split, field = _hub_parts(source)
     try:
         import datasets
 

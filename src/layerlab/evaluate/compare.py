@@ -18,75 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..corpora import read_text
-from ..errors import LayerlabError
-from ..io import atomic_write_text
+from ..io import own_folder, record_name, update_file
 from ..plan import Plan
 from ..runtime import apply_plan
+from ..settings import MEASURES, EvalSettings, as_dict
 from . import stats
 from .perplexity import perplexity
 from .samples import generate
 from .speed import Rounds, measure_plans
-from .tasks import MEASURES, TASKS, TaskData, TaskResult, load_task, paired, parse_tasks, run_task, summarize
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What each task runs on; checked when made (names, ranges) and by `check()` (files) before a model loads."""
-
-    tasks: tuple[str, ...] = ("ppl", "hellaswag", "samples", "speed")  # or text, e.g. "suite,ppl"
-    rows: int | None = 100  # rows per zero-shot task; None = all the data has
-    task_data: str | None = None  # folder with the full task files; None = the bundled subsets
-    task_batch_size: int | None = None  # None: shared contexts (CPU); B: whole sequences B at a time (GPU)
-    ppl_text: str = "wikitext2-test"
-    ctx: int = 512
-    stride: int | None = None
-    ppl_windows: int | None = 20
-    batch_size: int = 4  # perplexity windows per forward pass
-    prompts: tuple[str, ...] = ("Once upon a time",)
-    max_new_tokens: int = 32
-    speed_prompt_tokens: int = 128
-    speed_decode_tokens: int = 32
-    speed_rounds: int = 3
-    speed_max_rounds: int = 9
-    speed_max_spread: float = 0.10
-    confidence: float = stats.CONFIDENCE
-    seed: int = 0  # of the bootstrap behind the average's interval
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tasks", parse_tasks(self.tasks))
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        for name in ("rows", "ppl_windows", "task_batch_size", "stride"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise LayerlabError(f"{name} must be at least 1 (or unset for all), not {value}")
-        if self.ctx < 2 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise LayerlabError("ctx must be at least 2, batch_size and max_new_tokens at least 1")
-        if not 0.5 <= self.confidence < 1:
-            raise LayerlabError(f"confidence {self.confidence} must be between 0.5 and 1, e.g. 0.95")
-        self.rounds()
-
-    def rounds(self) -> Rounds:
-        return Rounds(self.speed_rounds, self.speed_max_rounds, self.speed_max_spread)
-
-    @property
-    def zero_shot(self) -> tuple[str, ...]:
-        return tuple(t for t in self.tasks if t in TASKS)
-
-    def check(self) -> dict[str, TaskData]:
-        """Read every task's rows and the perplexity text: a missing or malformed file fails before a model loads."""
-        if "ppl" in self.tasks:
-            read_text(self.ppl_text)
-        return {name: load_task(name, self.rows, self.task_data) for name in self.zero_shot}
-
-    def to_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+from .tasks import TaskData, TaskResult, paired, run_task, summarize
 
 
 def model_fingerprint(model, tokenizer) -> str:
@@ -128,8 +74,12 @@ class ResultStore:
         return None
 
     def put(self, key: dict, value) -> None:
-        if self.folder is not None:
-            atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}), force=True)
+        if self.folder is None:
+            return
+        if not self.folder.is_dir():  # layerlab's own folder, listed in its parent's manifest (a prune run's)
+            own_folder(self.folder, "eval-results")
+            record_name(self.folder)
+        update_file(self._path(key), json.dumps({"producer": "layerlab", "key": key, "value": value}))
 
 
 def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, store: str | Path | None = None,
@@ -166,14 +116,15 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, 
             row["average"] = _average(row, settings)
     if "speed" in settings.tasks:
         speeds = measure_plans(model, tokenizer, plans, read_text("wikitext2-test")[:20000],
-                               settings.speed_prompt_tokens, settings.speed_decode_tokens, settings.rounds())
+                               settings.speed_prompt_tokens, settings.speed_decode_tokens,
+                               Rounds(settings.speed_rounds, settings.speed_max_rounds, settings.speed_max_spread))
         for row, speed in zip(rows, speeds, strict=True):
             row["speed"] = speed.to_dict()
     add_deltas(rows, settings.confidence, settings.seed)
     if progress and (results.reused or results.recomputed):
         tqdm.write(f"resumed: {len(results.reused)} results reused from {store}"
                    + "".join(f"\nrecomputed {line}" for line in results.recomputed))
-    return {"settings": settings.to_dict(), "tasks": list(settings.tasks), "fingerprint": fingerprint,
+    return {"settings": as_dict(settings), "tasks": list(settings.tasks), "fingerprint": fingerprint,
             "data": {name: d.key() for name, d in data.items()}, "rows": rows,
             "resumed": {"reused": results.reused, "recomputed": results.recomputed}}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..corpora import Choice, PartialChoice
+from ..errors import DataError
 from .loglikelihood import CPU_BATCH, loglikelihoods
 
 
@@ -69,7 +70,7 @@ def multiple_choice(model, tokenizer, items: list[Choice | PartialChoice], batch
                     progress: bool = True) -> ChoiceResult:
     """acc and acc_norm over `items` under `model` as it is now (apply a plan around the call)."""
     if not items:
-        raise ValueError("no multiple-choice items to score")
+        raise DataError("no multiple-choice items to score")
     scores = score_items(model, tokenizer, items, batch_size, progress)
     acc = sum(s.prediction == s.label for s in scores) / len(scores)
     acc_norm = sum(s.prediction_norm == s.label for s in scores) / len(scores)

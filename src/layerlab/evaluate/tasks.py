@@ -1,11 +1,9 @@
-"""The zero-shot task registry: lm-eval's names, where each task's rows come from, and how it is scored.
+"""The zero-shot tasks: where each task's rows come from, and how it is scored.
 
-Names are lm-evaluation-harness 0.4.13's: `arc_easy`, `piqa`, `winogrande`, `boolq`, `openbookqa`,
-`lambada_openai`, `hellaswag`, `mmlu`, its groups `mmlu_stem`, `mmlu_humanities`,
-`mmlu_social_sciences`, `mmlu_other` and its 57 subjects `mmlu_<subject>`. `suite` stands for the
-whole standard suite, `mc` for `hellaswag` (its old name here); `ppl`, `samples` and `speed` are
-layerlab's own measures (`evaluate/compare.py`). `parse_tasks` checks a `--tasks` text against
-these names before any model loads.
+The registry (lm-evaluation-harness 0.4.13's names: `arc_easy`, `piqa`, `winogrande`, `boolq`,
+`openbookqa`, `lambada_openai`, `hellaswag`, `mmlu`, its groups `mmlu_stem`, `mmlu_humanities`,
+`mmlu_social_sciences`, `mmlu_other` and its 57 subjects `mmlu_<subject>`; the `suite` shorthand;
+`parse_tasks`) lives in `settings.py`, so a `--tasks` text is checked before torch or a model loads.
 
 Rows are the exact requests lm-eval builds (see `data/tasks/README.md`): read from the subsets bundled
 with layerlab, or from a folder holding the full files under the same names (`task_data`; a task whose
@@ -18,102 +16,21 @@ averaged over the suite): `acc_norm` where lm-eval reports it, `acc` elsewhere.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from ..corpora import DataError, Item, read_items
-from ..errors import LayerlabError
+from ..corpora import Item, read_items
+from ..errors import DataError
+from ..settings import GROUP_OF, MEASURES, MMLU_GROUPS, SUITE, Task, parse_tasks
+from ..settings import ZERO_SHOT_TASKS as TASKS
 from . import stats
-from .loglikelihood import CPU_BATCH, loglikelihoods
-from .multiple_choice import score_items
 
-MMLU_GROUPS = {
-    "stem": ("abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-             "high_school_physics", "high_school_statistics", "machine_learning"),
-    "humanities": ("formal_logic", "high_school_european_history", "high_school_us_history",
-                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
-                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
-                   "world_religions"),
-    "social_sciences": ("econometrics", "high_school_geography", "high_school_government_and_politics",
-                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
-                        "sociology", "us_foreign_policy"),
-    "other": ("business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
-              "professional_medicine", "virology"),
-}
-GROUP_OF = {subject: group for group, subjects in MMLU_GROUPS.items() for subject in subjects}
-MMLU_SUBJECTS = tuple(sorted(GROUP_OF))  # lm-eval's order: alphabetical, as in the data file
-_SUBJECT_TASKS = tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
-
-
-class TaskError(LayerlabError):
-    """A task name that layerlab does not know."""
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    kind: str  # row format: "choice", "partial" (WinoGrande) or "cloze" (LAMBADA); see corpora.ROW_FORMATS
-    file: str  # file name, in a task folder and among the bundled subsets
-    metrics: tuple[str, ...]  # what lm-eval reports for it
-    headline: str  # the metric shown in tables and averaged over tasks
-    subjects: tuple[str, ...] = ()  # MMLU: the subjects it covers
-
-
-def _mmlu(name: str, subjects: tuple[str, ...]) -> Task:
-    return Task(name, "choice", "mmlu_test.jsonl", ("acc",), "acc", subjects)
-
-
-TASKS: dict[str, Task] = {task.name: task for task in [
-    Task("arc_easy", "choice", "arc_easy_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
-    Task("piqa", "choice", "piqa_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
-    Task("winogrande", "partial", "winogrande_val.jsonl", ("acc",), "acc"),
-    Task("boolq", "choice", "boolq_val.jsonl", ("acc",), "acc"),
-    Task("openbookqa", "choice", "openbookqa_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
-    Task("lambada_openai", "cloze", "lambada_openai_test.jsonl", ("perplexity", "acc"), "acc"),
-    Task("hellaswag", "choice", "hellaswag_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
-    _mmlu("mmlu", MMLU_SUBJECTS),
-    *(_mmlu(f"mmlu_{group}", subjects) for group, subjects in MMLU_GROUPS.items()),
-    *(_mmlu(f"mmlu_{subject}", (subject,)) for subject in MMLU_SUBJECTS),
-]}
-SUITE = ("arc_easy", "piqa", "winogrande", "boolq", "openbookqa", "lambada_openai", "mmlu", "hellaswag")
-MEASURES = {
-    "ppl": "perplexity over windows of a text",
-    "samples": "greedy continuations of prompts",
-    "speed": "prefill and decode speed-ups over interleaved rounds, parameter bytes, peak memory",
-}
-ALIASES = {"mc": ("hellaswag",), "suite": SUITE}
+__all__ = ["MEASURES", "MMLU_GROUPS", "SUITE", "TASKS", "Task", "TaskData", "TaskResult", "load_task", "paired",
+           "parse_tasks", "run_task", "summarize"]
 BUNDLED = {"hellaswag": "hellaswag_val_2k.jsonl"}  # bundled under another name, in data/ itself
-
-
-def parse_tasks(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Task names from `--tasks` text (comma-separated), aliases expanded, duplicates dropped, each checked."""
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [n.strip() for n in text]
-    out: list[str] = []
-    for name in filter(None, names):
-        for resolved in ALIASES.get(name, (name,)):
-            if resolved not in TASKS and resolved not in MEASURES:
-                raise TaskError(_unknown(resolved))
-            if resolved not in out:
-                out.append(resolved)
-    if not out:
-        raise TaskError("no task given; name at least one, e.g. --tasks ppl,hellaswag or --tasks suite")
-    return tuple(out)
-
-
-def _unknown(name: str) -> str:
-    known = [*MEASURES, *ALIASES, *(t for t in TASKS if t not in _SUBJECT_TASKS)]
-    close = difflib.get_close_matches(name, [*known, *_SUBJECT_TASKS], n=3)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return f"unknown task {name!r}; {hint}known: {', '.join(known)}, mmlu_<subject> (57 subjects)"
 
 
 @dataclass(frozen=True)
@@ -202,6 +119,9 @@ class TaskResult:
 
 def run_task(model, tokenizer, data: TaskData, batch_size: int | None = None, progress: bool = True) -> TaskResult:
     """Score every row of `data` under `model` as it is now (apply a plan around the call)."""
+    from .loglikelihood import CPU_BATCH, loglikelihoods  # torch loads here, not when settings check the rows
+    from .multiple_choice import score_items
+
     task, items = data.task, list(data.items)
     if task.kind == "cloze":
         results = loglikelihoods(model, tokenizer, [item.requests()[0] for item in items],
