@@ -96,3 +96,10 @@ def test_settings_are_checked_before_a_model_loads(tmp_path):
     with pytest.raises(LayerlabError, match="neither a file nor a bundled name"):
         EvalSettings(tasks="ppl", ppl_text=str(tmp_path / "missing.txt")).check()
     assert EvalSettings(tasks="suite", rows=3).check()["mmlu"].key()["rows"] == 3
+
+
+def test_a_plan_list_splits_only_between_plans():
+    from layerlab.cli import _plan_list
+
+    assert _plan_list(("all,skip:20-23,0-9", "0-9,12-29", "a.json,attn-skip:3,5; mlp-skip:6")) == (
+        "all", "skip:20-23,0-9", "0-9,12-29", "a.json", "attn-skip:3,5; mlp-skip:6")

@@ -183,17 +183,18 @@ def _plan_list(plans: tuple[str, ...]) -> tuple[str, ...]:
 
 def _print_results(results: dict) -> None:
     """The summary table (one row per plan), the per-task table when there are zero-shot tasks, the legend."""
+    from rich.markup import escape
     from rich.table import Table
 
     from .evaluate.table import NOTE, summary_table, task_table
 
     tables = [summary_table(results)] + ([task_table(results)] if "tasks" in results["rows"][0] else [])
     for rows in tables:
-        table = Table(*rows[0], show_lines=True)
+        table = Table(*map(escape, rows[0]), show_lines=True)
         for row in rows[1:]:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         _print(table)
-    _print(f"[dim]{NOTE}[/dim]")
+    _print(f"[dim]{escape(NOTE)}[/dim]")
 
 
 @cli.command()
