@@ -103,3 +103,12 @@ def test_a_plan_list_splits_only_between_plans():
 
     assert _plan_list(("all,skip:20-23,0-9", "0-9,12-29", "a.json,attn-skip:3,5; mlp-skip:6")) == (
         "all", "skip:20-23,0-9", "0-9,12-29", "a.json", "attn-skip:3,5; mlp-skip:6")
+
+
+def test_an_unknown_task_fails_before_torch_loads():
+    import subprocess
+    import sys
+
+    code = "import sys; from layerlab.cli import main; print(main(['eval', '-t', 'bogus']), 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"] and "unknown task 'bogus'" in result.stderr

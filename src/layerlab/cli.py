@@ -158,8 +158,6 @@ def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, t
     """Evaluate several plans side by side in one model load: values with intervals, paired deltas, JSON."""
     import time
 
-    from . import jobs
-
     evaluation = EvalSettings(tasks=tasks, rows=_none_if_zero(rows), task_data=task_data,
                               task_batch_size=task_batch_size, ppl_text=ppl_text, ctx=ctx, stride=stride,
                               ppl_windows=_none_if_zero(ppl_windows), batch_size=batch_size, prompts=tuple(prompts),
@@ -167,6 +165,8 @@ def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, t
                               speed_max_rounds=speed_max_rounds, confidence=confidence)
     job = EvalJob(_spec(source, dtype, device, trust_remote_code), _plan_list(plans), evaluation,
                   out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store)
+    from . import jobs  # torch loads here, after the settings are checked
+
     results = jobs.evaluate(job)
     _print_results(results)
     _print(f"results written to {job.out}")
