@@ -98,7 +98,7 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, 
                 key = {"model": fingerprint, "plan": row["plan"], "task": task, **task_key}
                 value = results.get(key)
                 if value is None:
-                    value = _measure(model, tokenizer, plan, task, settings, data, text)
+                    value = _measure(model, tokenizer, plan, task, settings, data, text, progress)
                     results.put(key, value)
                 if task in MEASURES:
                     row[task] = value
@@ -140,7 +140,7 @@ def _task_key(task: str, settings: EvalSettings, data: dict[str, TaskData], text
 
 
 def _measure(model, tokenizer, plan: Plan, task: str, settings: EvalSettings, data: dict[str, TaskData],
-             text: str | None):
+             text: str | None, progress: bool = True):
     """One task under one plan, as plain data (per-item results for zero-shot tasks)."""
     if task == "samples":  # generate() applies the plan itself
         return [{"prompt": p, "text": generate(model, tokenizer, p, plan, settings.max_new_tokens).text}
@@ -148,8 +148,9 @@ def _measure(model, tokenizer, plan: Plan, task: str, settings: EvalSettings, da
     with apply_plan(model, plan):
         if task == "ppl":
             return perplexity(model, tokenizer, text, ctx=settings.ctx, stride=settings.stride,
-                              batch_size=settings.batch_size, max_windows=settings.ppl_windows).to_dict()
-        return run_task(model, tokenizer, data[task], settings.task_batch_size).to_dict()
+                              batch_size=settings.batch_size, max_windows=settings.ppl_windows,
+                              progress=progress).to_dict()
+        return run_task(model, tokenizer, data[task], settings.task_batch_size, progress=progress).to_dict()
 
 
 def _average(row: dict, settings: EvalSettings) -> dict:
