@@ -353,6 +353,15 @@ def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
                      fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved})
 
 
+def context_length(source: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the model was built for (`max_position_embeddings`), or None where the config has none."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
+        resolved = convert_gguf(resolved)
+    text = read_config(source, resolved, trust_remote_code).get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None)
+
+
 def layer_count(source: str, trust_remote_code: bool = False) -> int:
     """How many decoder layers a model has, read from its config or GGUF metadata (no weights)."""
     return inspect_model(source, trust_remote_code).num_layers
