@@ -110,6 +110,9 @@ MERGEKIT_HEAD = "merge_method: passthrough\nslices:\n  - sources:\n      - model
 CASES = [
     # data loss: --force replaces only what layerlab wrote, only after every check, never an input
     Case("force-on-a-user-folder", "prune -m {tiny} --force --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("prune-into-a-user-folder", "prune -m {tiny} --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("window-longer-than-the-model-allows", "score -m {tiny} --ctx 4096", "positions the model was built for"),
+    Case("model-neither-local-nor-reachable", "eval -m nobody/no-such-model", "cannot be reached"),
     Case("force-with-a-bad-budget", "prune -m {tiny} --force --drop 150% --out {tmp}/run", "between 0 and 1",
          layerlab_run),
     Case("force-with-a-missing-calibration", "prune -m {tiny} --force --calibration {tmp}/nope.txt --out {tmp}/run",

@@ -130,6 +130,8 @@ def _check_out(out: Path, job: PruneJob, info: ModelInfo) -> None:
         if job.resume:
             raise OutputError(f"{out} is not a layerlab run folder, so --resume cannot continue it; "
                               "choose another --out")
+        if saved is None:
+            raise OutputError(f"{out} already exists and was not written by layerlab; choose another --out")
         raise OutputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     check_output(out, folder=True, force=job.force, inputs=job.inputs(info))
 

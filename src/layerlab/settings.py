@@ -162,7 +162,11 @@ def check_windows(model: ModelSpec, needs: list[tuple[str, str, int]]) -> None:
     from .evaluate.perplexity import encode_text
 
     tokenizer = model.tokenizer()
+    limit = model.context_length()
     for option, source, ctx in needs:
+        if limit is not None and ctx > limit:
+            raise SettingsError(f"a window of {ctx} tokens for {option} is longer than the {limit} positions the "
+                                "model was built for; use a smaller --ctx")
         text = read_text(source)
         if len(encode_text(tokenizer, text[: 16 * ctx])) > ctx:
             continue
@@ -248,6 +252,12 @@ class ModelSpec:
         from .models import load_tokenizer
 
         return load_tokenizer(self.source, self.trust_remote_code)
+
+    def context_length(self) -> int | None:
+        """The positions the model was built for, from its config (no weights load)."""
+        from .models import context_length
+
+        return context_length(self.source, self.trust_remote_code)
 
     def load(self):
         """(model, tokenizer)."""
