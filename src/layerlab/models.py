@@ -300,8 +300,9 @@ def convert_gguf(gguf: Path) -> Path:
     gguf_header(gguf)  # a clear error for a file that is not a GGUF before transformers tries
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    metadata = metadata_folder(gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(metadata), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                      trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds for unreadable files
@@ -310,16 +311,54 @@ def convert_gguf(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = temporary_folder(target.parent, target.name + ".")
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "layerlab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+
+    return _cached_folder(target, write)
+
+
+def metadata_folder(gguf: Path) -> Path:
+    """A GGUF file's config, tokenizer and tensor index (`tensors.json`), cached without any weights.
+
+    Parsing a GGUF header (its tokenizer arrays) takes seconds and converting its tokenizer more, so
+    what `load_tokenizer` and layer-by-layer streaming (`layerwise.py`) need is kept once per file.
+    """
+    target = converted_folder(gguf).with_name(converted_folder(gguf).name + ".metadata")
+    if (target / "tensors.json").is_file():
+        return target
+    architecture, _ = gguf_header(gguf)
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds for unreadable files
+        raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {one_line(exc)[:200]}") from None
+    tensors = {t.name: {"offset": int(t.data_offset), "nbytes": int(t.n_bytes), "type": int(t.tensor_type),
+                        "shape": [int(x) for x in t.data.shape]} for t in GGUFReader(str(gguf)).tensors}
+
+    def write(staging: Path) -> None:
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "tensors.json").write_text(json.dumps({"architecture": architecture, "tensors": tensors}))
+
+    return _cached_folder(target, write)
+
+
+def _cached_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """Build a cache folder in a staging sibling and rename it into place (another process may win the race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_folder(target.parent, target.name + ".")
+    try:
+        write(staging)
         usual_permissions(staging)
         staging.rename(target)
     except OSError:
-        if not (target / "config.json").is_file():  # another process may have won the race
+        if not target.is_dir():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -387,12 +426,13 @@ def load(
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    """The tokenizer of a model source, without its weights (a GGUF file is converted once, as `load` does)."""
+    """The tokenizer of a model source, without its weights (a GGUF file's is converted and cached once)."""
     from transformers import AutoTokenizer
 
     resolved = resolve_source(source)
     if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
-        resolved = convert_gguf(resolved)
+        converted = converted_folder(resolved)
+        resolved = converted if (converted / "config.json").is_file() else metadata_folder(resolved)
     try:
         return AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
     except Exception as exc:  # the user's files enter here
