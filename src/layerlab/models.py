@@ -229,7 +229,6 @@ def _pip_install(packages: list[str], reinstall: bool = False) -> None:
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -402,9 +401,9 @@ def load(
     """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
     check_device(device)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype, device)
     resolved = resolve_source(source)
     if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
         resolved = convert_gguf(resolved)
@@ -531,12 +530,20 @@ def fingerprint(path: Path) -> dict:
     return {"name": path.name, "sha256_ends": digest.hexdigest()[:32]}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """A torch dtype from its name (`float32`, `bf16`, ...)."""
+def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """A torch dtype from its name (`float32`, `bf16`, ...); `auto` is bfloat16 on a CUDA device that has it
+    (half the memory, full-speed tensor cores) and float32 elsewhere (CPUs and MPS run bf16 slowly or not)."""
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name == "auto":
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return torch.bfloat16 if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else torch.float32
     if name not in names:
-        raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(names)}")
+        raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, {', '.join(names)}")
+    if names[name] == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float16, float32 or auto")
     return names[name]
 
 
