@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -129,7 +129,10 @@ class WorkerPool:
                          runtime_env={"env_vars": _worker_env()})
             self._started = True
         self.threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
-        self._actor_class = ray.remote(num_cpus=1 if not settings.ray_address else self.threads, max_restarts=2,
+        if spec.device.startswith("cuda"):  # Ray gives each worker its GPU (share) as its only visible one
+            self.spec = replace(spec, device="cuda")
+        self._actor_class = ray.remote(num_cpus=1 if not settings.ray_address else self.threads,
+                                       num_gpus=gpu_share(spec, settings), max_restarts=2,
                                        max_task_retries=2)(PlanWorker)
         self.actors = [self._new_actor() for _ in range(settings.workers)]
 
@@ -265,6 +268,18 @@ def evaluate_plans(pool: WorkerPool, plans: list[Plan], tasks: tuple[str, ...], 
             row["speed"] = result["speed"]
     add_deltas(rows)
     return {"settings": settings.__dict__ | {"prompts": list(settings.prompts)}, "tasks": list(tasks), "rows": rows}
+
+
+def gpu_share(spec: ModelSpec, settings: ParallelSettings) -> float:
+    """The GPUs each worker asks Ray for: none on CPU; on this machine its GPUs split evenly over the
+    workers (several workers share one GPU); on a cluster one GPU each."""
+    if not spec.device.startswith("cuda"):
+        return 0
+    if settings.ray_address:
+        return 1
+    import torch
+
+    return min(1.0, torch.cuda.device_count() / settings.workers)
 
 
 def _worker_env() -> dict[str, str]:
