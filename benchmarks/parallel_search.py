@@ -54,7 +54,7 @@ def main() -> None:
         workers = "" if found.workers is None else "  workers peak RSS " + ", ".join(
             f"{w['peak_rss_mb']:.0f} MB" for w in found.workers)
         print(f"  {name:8s} {seconds:7.1f} s  plan {found.plan.to_text()}  same trace as the first: {same}  "
-              f"driver peak RSS {found.peak_memory_mb:.0f} MB{workers}")
+              f"driver peak RSS {found.peak_memory_mb or 0:.0f} MB{workers}")
     pairs = [runs[0][1] / runs[1][1], runs[3][1] / runs[2][1]]  # serial / parallel, ABBA halves
     print(f"  serial / parallel: {sum(pairs) / 2:.2f}x (pairs {pairs[0]:.2f}, {pairs[1]:.2f}); "
           f"target >= {0.7 * args.workers:.1f}x where there are {args.workers} independent devices")

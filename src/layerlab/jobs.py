@@ -171,8 +171,7 @@ class SearchResult:
 def search(settings: SearchSettings) -> SearchResult:
     """A plan removing layers or halves: greedy by calibration perplexity (resumable), or one-shot by a metric."""
     from .corpora import read_text
-    from .metrics.similarity import similarity
-    from .search import Budget, greedy, one_shot, resumable_state, state_record
+    from .search import Budget, resumable_state, state_record
 
     info = settings.model.inspect()
     settings.check(info)
@@ -186,24 +185,35 @@ def search(settings: SearchSettings) -> SearchResult:
     check_windows(settings.model, [("--text", settings.text, settings.ctx)])
     options = dict(ctx=settings.ctx, windows=settings.windows, keep=settings.keep, state_path=settings.state,
                    resume=settings.resume, provenance=provenance)
-    with peak_memory(settings.model) as peak:
-        if settings.parallel.parallel:  # the workers hold the weights; this process only their structure
-            from .parallel import WorkerPool, structure_model
+    with peak_memory(settings.model) as peak:  # the peak is known once the block is left
+        found = _search(settings, info, calibration, budget, remove, options)
+    found.peak_memory_mb = peak.peak_mb
+    return found
 
-            with WorkerPool(settings.model, settings.parallel) as pool:
-                state = greedy(structure_model(settings.model), settings.model.tokenizer(), calibration, budget,
-                               settings.granularity, pool=pool, **options)
-                workers = pool.memory()
-            return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, peak.peak_mb, workers)
-        if settings.streamed:
-            scores = _similarity_streamed(settings.model, calibration, None, settings.ctx, settings.windows)
-            return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None, peak.peak_mb)
-        model, tokenizer = settings.model.load()
-        if settings.method == "greedy":
-            state = greedy(model, tokenizer, calibration, budget, settings.granularity, **options)
-            return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, peak.peak_mb)
-        scores = similarity(model, tokenizer, calibration, ctx=settings.ctx, windows=settings.windows)
-        return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None, peak.peak_mb)
+
+def _search(settings: SearchSettings, info: ModelInfo, calibration: str, budget, remove: int,
+            options: dict) -> SearchResult:
+    """The search itself: on Ray workers, streamed one-shot scores, or the whole model here."""
+    from .metrics.similarity import similarity
+    from .search import greedy, one_shot
+
+    if settings.parallel.parallel:  # the workers hold the weights; this process only their structure
+        from .parallel import WorkerPool, structure_model
+
+        with WorkerPool(settings.model, settings.parallel) as pool:
+            state = greedy(structure_model(settings.model), settings.model.tokenizer(), calibration, budget,
+                           settings.granularity, pool=pool, **options)
+            workers = pool.memory()
+        return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, workers=workers)
+    if settings.streamed:
+        scores = _similarity_streamed(settings.model, calibration, None, settings.ctx, settings.windows)
+        return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
+    model, tokenizer = settings.model.load()
+    if settings.method == "greedy":
+        state = greedy(model, tokenizer, calibration, budget, settings.granularity, **options)
+        return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
+    scores = similarity(model, tokenizer, calibration, ctx=settings.ctx, windows=settings.windows)
+    return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
 
 
 # ------------------------------------------------------------------------------------------ heal
