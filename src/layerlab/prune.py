@@ -9,8 +9,10 @@ where it stopped instead of starting over:
    whichever has the lower calibration perplexity (greedy with pruning is not guaranteed to win, and
    the evaluation text is never used to choose);
 4. evaluate: baseline, greedy plan and best one-shot plan side by side (`eval.json`);
-5. heal (optional): LoRA on the chosen plan, evaluated as one more row (`healed.json`, `healed/`);
-6. export: the chosen plan as a Hugging Face folder (`model/`);
+5. recover: by default the training-free linear patch when it lowers the calibration loss (`recover.py`,
+   method `auto`), or the method asked for; a recovered model is evaluated as one more row
+   (`healed.json`) and is what gets exported;
+6. export: the chosen plan, recovered, as a Hugging Face folder (`model/`);
 7. report: `report.html` (self-contained) and `report.json` (analysis/report.py).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .corpora import read_text
@@ -30,6 +32,7 @@ from .heal import HealSettings
 from .io import atomic_write_text
 from .metrics.similarity import Similarity, similarity
 from .plan import Plan, unique_plans
+from .recover import RecoverSettings
 from .runtime import apply_plan
 from .search import Budget, SearchState, greedy, one_shot
 
@@ -50,10 +53,15 @@ class PruneSettings:
     calib_windows: int = 4
     keep: float = 0.5  # greedy: share of candidates kept each round (llama.cpp-style pruning)
     evaluation: EvalSettings = QUICK_EVAL
-    heal: bool = False
-    heal_text: str = "frankenstein"
-    heal_settings: HealSettings = field(default_factory=HealSettings)
+    heal: str = "auto"  # a recovery of recover.RECOVERIES: `auto` patches when it lowers the calibration loss
+    heal_settings: HealSettings = field(default_factory=HealSettings)  # the training loop of lora and kd
+    recovery: RecoverSettings = field(default_factory=RecoverSettings)  # patch, distillation and data settings
     export: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heal, bool):  # the command line's --heal flag, until it takes a method name
+            object.__setattr__(self, "heal", "lora" if self.heal else "none")
+        RecoverSettings(method=self.heal)  # an unknown method is refused here
 
     def budget(self, n_layers: int) -> Budget:
         """The search budget; `drop` is a share of the units of the granularity."""
@@ -91,7 +99,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
     evaluation = _cached(out / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
         model, tokenizer, plans, ("ppl", "mc", "samples", "speed"), settings.evaluation))
-    healed = _heal_row(model, tokenizer, chosen, out, settings, progress) if settings.heal else None
+    healed = _recover_row(model, tokenizer, chosen, out, settings, progress)
     if healed is not None:
         add_deltas([dict(evaluation["rows"][0]), healed])  # against the baseline row
     if settings.export and not (out / "model" / "config.json").is_file():
@@ -103,6 +111,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
         "greedy_plan": found["greedy"][1], "removed": [t["removed"] for t in state.trace],
         "scores": scores.to_dict(), "search": asdict(state),
         "one_shot": one_shots, "best_one_shot": best_one_shot, "evaluation": evaluation, "healed": healed,
+        "recovery": json.loads(recovery.read_text()) if (recovery := out / "recovery.json").is_file() else None,
         "candidates": _candidate_points(model, state, one_shots, n_layers),
         "exported": str(out / "model") if settings.export else None,
     }
@@ -145,20 +154,31 @@ def _cached(path: Path, key: list[str], compute) -> dict:
     return value
 
 
-def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool) -> dict:
-    """Heal the chosen plan with LoRA, save the healed model, and evaluate it like the other rows."""
-    from .heal import heal, save_healed
+def _recover_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool) -> dict | None:
+    """Recover the chosen plan (`settings.heal`), write it as the exported model, and evaluate it like the
+    other rows; None when nothing was recovered (the record of why is in `recovery.json`)."""
+    from .recover import recover, save_recovered
+
+    recovery_settings = replace(settings.recovery, method=settings.heal, training=settings.heal_settings)
 
     def compute() -> dict:
-        result = heal(model, tokenizer, read_text(settings.heal_text), plan, settings.heal_settings,
-                      checkpoint_dir=out / "healing.checkpoints", resume=True, progress=progress)
-        save_healed(result, tokenizer, out / "healed", force=True)
-        n = result.model.config.get_text_config(decoder=True).num_hidden_layers
-        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], ("ppl", "mc", "samples"),
+        recovery = recover(model, tokenizer, plan, recovery_settings, checkpoint_dir=out / "healing.checkpoints",
+                           resume=True, progress=progress)
+        atomic_write_text(out / "recovery.json", json.dumps(recovery.summary(), indent=1), force=True)
+        if recovery.method == "none":
+            return {}
+        if settings.export:
+            save_recovered(recovery, tokenizer, out / "model", force=True)
+        n = recovery.model.config.get_text_config(decoder=True).num_hidden_layers
+        rows = evaluate_plans(recovery.model, tokenizer, [Plan.identity(n)], ("ppl", "mc", "samples"),
                               settings.evaluation)["rows"]
-        return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
+        losses = recovery.record.get("training", {}).get("losses")
+        return rows[0] | {"plan": f"{plan.to_text()} + {recovery.method}", "losses": losses,
+                          "reason": recovery.record.get("reason")}
 
-    return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)
+    if settings.heal == "none":
+        return None
+    return _cached(out / "healed.json", [plan.to_text(), repr(recovery_settings)], compute) or None
 
 
 def _candidate_points(model, state: SearchState, one_shots: list[dict], n_layers: int) -> list[dict]:

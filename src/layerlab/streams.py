@@ -213,18 +213,15 @@ class TokenStore:
 
     def add(self, **columns: torch.Tensor) -> None:
         """Append rows; every call gives every column the same number of rows."""
-        counts = set()
-        for name, value in columns.items():
-            value = value.detach().reshape(-1, value.shape[-1]).float().cpu().numpy()
+        arrays = {name: v.detach().reshape(-1, v.shape[-1]).float().cpu().numpy() for name, v in columns.items()}
+        counts = {a.shape[0] for a in arrays.values()}
+        if len(counts) != 1 or (self._files and set(arrays) != set(self._files)):
+            raise ValueError("every call needs the same columns, each with the same number of rows")
+        for name, array in arrays.items():
             if name not in self._files:
-                if self.rows:
-                    raise ValueError(f"column {name!r} appeared after rows were stored")
                 self._files[name] = open(Path(self._dir.name) / f"{name}.f32", "ab")  # noqa: SIM115 closed in close()
-                self._widths[name] = value.shape[1]
-            self._files[name].write(value.tobytes())
-            counts.add(value.shape[0])
-        if len(counts) != 1 or set(columns) != set(self._files):
-            raise ValueError("every column needs the same number of rows in each call")
+                self._widths[name] = array.shape[1]
+            self._files[name].write(array.tobytes())
         self.rows += counts.pop()
 
     def _arrays(self) -> dict[str, np.memmap]:
