@@ -25,20 +25,7 @@ from layerlab.patch import (
     patch,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calibration") / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(length=40):

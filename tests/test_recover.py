@@ -20,24 +20,11 @@ from layerlab.heal import HealError, HealSettings, batch_order, training_windows
 from layerlab.patch import PatchError, PatchSettings, insert_maps, patch
 from layerlab.recover import RECOVERIES, RecoverError, RecoverSettings, recover, save_recovered
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PLAN = "skip:2-3"
 TRAINING = HealSettings(steps=6, lr=1e-3, ctx=32, batch_size=2, warmup=2, dropout=0.0, checkpoint_every=2)
 KD = DistillSettings(training=TRAINING, temperature=2.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def windows():
