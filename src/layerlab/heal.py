@@ -13,6 +13,8 @@ dropping layers recovers much of the lost perplexity. Here:
   weights to an uninterrupted run;
 - at the end the adapters are merged into the weights (`merge_and_unload`): a plain model, which
   `save_healed` writes as a Hugging Face folder, with the adapter on its own in `adapter/`.
+The training loop (`train_adapters`: batches, schedule, checkpoints) also serves distillation
+(`distill.py`), which swaps the language-model loss for the full model's distributions.
 """
 
 from __future__ import annotations

@@ -344,7 +344,6 @@ def _adam(form: str, start: torch.Tensor, loss, settings: PatchSettings, batches
         scale = (basis.T @ start @ basis).diagonal().clone().requires_grad_(True)
         params, build = [scale], lambda: basis @ torch.diag(scale) @ basis.T
     optimizer = torch.optim.Adam(params, lr=settings.lr)
-    torch.manual_seed(settings.seed)
     for batch in batches:
         value = loss(build(), batch)
         optimizer.zero_grad(set_to_none=True)
