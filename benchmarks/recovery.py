@@ -44,7 +44,7 @@ from layerlab.heal import HealSettings
 from layerlab.patch import PatchSettings
 from layerlab.recover import RecoverSettings, recover
 
-METHODS = ("none", "patch", "lora", "kd", "patch+kd")
+METHODS = ("none", "patch", "lora", "kd", "patch+kd", "patch@cosine")  # @cosine: the patch's cosine objective
 TASKS = {  # name: (source, first row used)
     "hellaswag": ("hellaswag-2k", 1000),
     "arc_easy": ("arc_easy_test.jsonl", 0),
@@ -109,21 +109,23 @@ def find_plan(model, tokenizer, source: str, remove: int, scratch: Path) -> tupl
     return data["plan"], data["chosen_by"]
 
 
-def run_method(model, tokenizer, plan: Plan, method: str, run: dict, args) -> dict:
+def run_method(model, tokenizer, plan: Plan, name: str, run: dict, args) -> dict:
+    method, _, objective = name.partition("@")
     steps = run["budgets"]
     training = HealSettings(steps=steps.get(method, 1), ctx=run["ctx"], batch_size=run["batch_size"],
                             checkpoint_every=10 ** 6, seed=args.seed)
-    settings = RecoverSettings(method=method, training=training, patch=PatchSettings(tokens=args.patch_tokens))
+    patch = PatchSettings(tokens=args.patch_tokens, objective=objective or PatchSettings.objective)
+    settings = RecoverSettings(method=method, training=training, patch=patch)
     started = time.perf_counter()
     try:
         recovery = recover(model, tokenizer, plan, settings, progress=args.progress)
     except LayerlabError as exc:  # e.g. a patch over a removed layer 0: a row that says why
-        return {"method": method, "error": str(exc)}
+        return {"method": name, "error": str(exc)}
     seconds = time.perf_counter() - started
     row = quality(recovery.model.eval(), tokenizer, args)
     record = {k: v for k, v in recovery.record.items() if k != "patch"} | (
         {"patch_blocks": recovery.record["patch"]["blocks"]} if "patch" in recovery.record else {})
-    return row | {"method": method, "steps": steps.get(method), "seconds": seconds, "record": record}
+    return row | {"method": name, "steps": steps.get(method), "seconds": seconds, "record": record}
 
 
 def interval(values: list[int]) -> tuple[float, float]:
@@ -146,7 +148,7 @@ def report(state: dict, args) -> None:
               f"{run['budgets']['lora']} LoRA-LM steps of {run['batch_size']} x {run['ctx']} tokens")
         texts = list(base["ppl"])
         tasks = list(base["tasks"])
-        header = f"{'method':<10}{'steps':>6}{'sec':>7}" + "".join(f"{t[:14] + ' ppl':>19}" for t in texts)
+        header = f"{'method':<13}{'steps':>6}{'sec':>7}" + "".join(f"{t[:14] + ' ppl':>19}" for t in texts)
         header += "".join(f"{t:>17}" for t in tasks) + f"{'avg':>7}{'kept':>7}{'margin':>8}"
         print(header)
         chance = sum(base["tasks"][t]["chance"] for t in tasks) / len(tasks)
@@ -154,9 +156,9 @@ def report(state: dict, args) -> None:
         none = rows.get("none")
         for name, row in [("baseline", base)] + list(rows.items()):
             if "error" in row:
-                print(f"{name:<10} n/a: {row['error']}")
+                print(f"{name:<13} n/a: {row['error']}")
                 continue
-            line = f"{name:<10}{str(row.get('steps') or '-'):>6}{row.get('seconds', 0):>7.0f}"
+            line = f"{name:<13}{str(row.get('steps') or '-'):>6}{row.get('seconds', 0):>7.0f}"
             for t in texts:
                 rise = ""
                 if none and name not in ("baseline", "none"):
@@ -180,12 +182,12 @@ def report(state: dict, args) -> None:
                     diff = [a - b for a, b in zip(row["tasks"][t]["correct"], none["tasks"][t]["correct"], strict=True)]
                     mean, half = interval(diff)
                     cells.append(f"{t} {mean:+.3f} ±{half:.3f}{' *' if mean + half < 0 else ''}")
-                print(f"  {name:<10}" + "; ".join(cells))
+                print(f"  {name:<13}" + "; ".join(cells))
         print("calibration perplexity before -> after (mix, not evaluation data):")
         for name, row in rows.items():
             before, after = (row.get("record", {}).get(f"calibration_perplexity_{k}") for k in ("before", "after"))
             if before is not None:
-                print(f"  {name:<10}{before:.2f} -> {after:.2f}")
+                print(f"  {name:<13}{before:.2f} -> {after:.2f}")
 
 
 def main() -> None:
