@@ -26,7 +26,8 @@ def child(model: str, plan_text: str, tokens: int, objective: str, threads: int)
     import torch
 
     from layerlab import Plan, load
-    from layerlab.patch import PatchSettings, patch
+    from layerlab.patch import patch
+    from layerlab.settings import PatchSettings
 
     torch.set_num_threads(threads)
     loaded, tokenizer = load(model)

@@ -40,9 +40,8 @@ from layerlab.arch import decoder_layers
 from layerlab.corpora import read_choices, read_text
 from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import perplexity
-from layerlab.heal import HealSettings
-from layerlab.patch import PatchSettings
-from layerlab.recover import RecoverSettings, recover
+from layerlab.recover import recover
+from layerlab.settings import EvalSettings, HealSettings, PatchSettings, PruneSettings, RecoverSettings
 
 METHODS = ("none", "patch", "lora", "kd", "patch+kd", "patch@cosine")  # @cosine: the patch's cosine objective
 TASKS = {  # name: (source, first row used)
@@ -99,12 +98,11 @@ def budgets(model, plan: Plan, args) -> dict[str, int]:
 
 def find_plan(model, tokenizer, source: str, remove: int, scratch: Path) -> tuple[str, str]:
     """The plan `layerlab prune` chooses for `remove` layers (its evaluation cut to almost nothing)."""
-    from layerlab.evaluate.compare import EvalSettings
-    from layerlab.prune import PruneSettings, prune
+    from layerlab.prune import prune
 
     quick = EvalSettings(ppl_windows=1, mc_items=1, max_new_tokens=1, speed_rounds=1, speed_prompt_tokens=8,
                          speed_decode_tokens=1)
-    settings = PruneSettings(layers=remove, evaluation=quick, heal="none", export=False)
+    settings = PruneSettings(layers=remove, evaluation=quick, recovery=RecoverSettings(method="none"), export=False)
     data = prune(model, tokenizer, source, scratch / f"prune-{source}-{remove}", settings, resume=True, progress=False)
     return data["plan"], data["chosen_by"]
 

@@ -10,13 +10,13 @@ from tiny import tiny_model
 
 from layerlab import Plan
 from layerlab.calibration import CalibrationError, mixed_windows
+from layerlab.errors import SettingsError
 from layerlab.export.hf import materialize
 from layerlab.hadamard import hadamard
 from layerlab.patch import (
     Block,
     BlockPatch,
     PatchError,
-    PatchSettings,
     blocks,
     check_patchable,
     fit,
@@ -24,6 +24,7 @@ from layerlab.patch import (
     insert_maps,
     patch,
 )
+from layerlab.settings import PatchSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,10 +137,12 @@ def test_plans_and_forms_a_patch_cannot_express_are_refused_before_any_work(arch
 
 
 def test_bad_settings_and_short_calibration_text_are_refused(text_file):
-    with pytest.raises(PatchError, match="unknown patch form"):
+    with pytest.raises(SettingsError, match="unknown patch form"):
         PatchSettings(form="cubic")
-    with pytest.raises(PatchError, match="objective"):
+    with pytest.raises(SettingsError, match="objective"):
         PatchSettings(objective="mae")
+    with pytest.raises(SettingsError, match="raise it to at least 768"):
+        PatchSettings(tokens=512)
     with pytest.raises(CalibrationError, match="fewer than the 100 windows of 64"):
         mixed_windows(CharTokenizer(), (text_file,), 64, 6400)
     with pytest.raises(CalibrationError, match="raise it to at least 128"):

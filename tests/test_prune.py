@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 import layerlab
 from layerlab import Plan
+from layerlab.errors import SettingsError
 from layerlab.export.hf import materialize
 from layerlab.prune import QUICK_EVAL, PruneSettings, prune
 from layerlab.recover import recover
+from layerlab.settings import HealSettings, RecoverSettings
 
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
                          evaluation=replace(QUICK_EVAL, ppl_windows=2, mc_items=4, max_new_tokens=4, speed_rounds=1,
@@ -93,10 +95,9 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path
 
 
 def test_prune_with_distillation_adds_a_healed_row_and_exports_the_healed_model(tiny_folder, tmp_path):
-    from layerlab.heal import HealSettings
-
     model, tokenizer = layerlab.load(str(tiny_folder))
-    settings = replace(SETTINGS, heal="kd", heal_settings=HealSettings(steps=2, ctx=32, batch_size=2))
+    settings = replace(SETTINGS, recovery=RecoverSettings(method="kd",
+                                                          training=HealSettings(steps=2, ctx=32, batch_size=2)))
     data = prune(model, tokenizer, str(tiny_folder), tmp_path / "out", settings, progress=False)
     healed = data["healed"]
     assert healed["plan"] == data["plan"] + " + kd" and len(healed["losses"]) == 2
@@ -108,8 +109,8 @@ def test_prune_with_distillation_adds_a_healed_row_and_exports_the_healed_model(
     assert "+ kd" in (tmp_path / "out" / "report.html").read_text()
 
 
-def test_prune_refuses_an_unknown_recovery():
-    from layerlab.recover import RecoverError
-
-    with pytest.raises(RecoverError, match="unknown recovery 'magic'"):
-        PruneSettings(heal="magic")
+def test_prune_refuses_an_unknown_recovery_and_a_patch_over_halves():
+    with pytest.raises(SettingsError, match="unknown recovery 'magic'"):
+        PruneSettings(recovery=RecoverSettings(method="magic"))
+    with pytest.raises(SettingsError, match="--heal patch patches whole removed layers"):
+        PruneSettings(granularity="sublayer", recovery=RecoverSettings(method="patch"))

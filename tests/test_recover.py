@@ -14,11 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from layerlab import Plan, apply_plan
 from layerlab.corpora import DataError
-from layerlab.distill import DistillError, DistillSettings, distill, kd_loss
+from layerlab.distill import DistillError, distill, kd_loss
+from layerlab.errors import ResumeError, SettingsError
 from layerlab.export.hf import materialize
-from layerlab.heal import HealError, HealSettings, batch_order, training_windows
-from layerlab.patch import PatchError, PatchSettings, insert_maps, patch
-from layerlab.recover import RECOVERIES, RecoverError, RecoverSettings, recover, save_recovered
+from layerlab.heal import batch_order, training_windows
+from layerlab.patch import PatchError, insert_maps, patch
+from layerlab.recover import recover, save_recovered
+from layerlab.settings import RECOVERIES, DistillSettings, HealSettings, PatchSettings, RecoverSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,26 +106,26 @@ def test_resumed_distillation_ends_with_the_same_weights(tmp_path):
     assert resumed.losses == straight.losses
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, straight.model.state_dict()[name]), name
-    with pytest.raises(HealError, match="temperature=2.0, but this run has temperature=3.0"):
+    with pytest.raises(ResumeError, match="temperature=2.0, but this run has temperature=3.0"):
         distill(model, windows(), plan, replace(KD, temperature=3.0), checkpoint_dir=tmp_path / "b", resume=True,
                 progress=False)
 
 
-@pytest.mark.parametrize("settings, plan, message", [
-    (replace(KD, teacher="skip:1"), PLAN, "teacher must be the full model"),
-    (KD, "all", "removes nothing"),
-    (replace(KD, hidden_weight=1.0), "attn-skip:2", "set hidden_weight to 0"),
+@pytest.mark.parametrize("settings, plan, error, message", [
+    (replace(KD, teacher="skip:1"), PLAN, SettingsError, "teacher must be the full model"),
+    (KD, "all", DistillError, "removes nothing"),
+    (replace(KD, hidden_weight=1.0), "attn-skip:2", DistillError, "set hidden_weight to 0"),
 ])
-def test_distillation_errors_come_before_any_work(settings, plan, message):
-    with pytest.raises(DistillError, match=message):
+def test_distillation_errors_come_before_any_work(settings, plan, error, message):
+    with pytest.raises(error, match=message):
         distill(tiny_model("llama"), windows(), Plan.parse(plan, 6), settings, progress=False)
-    with pytest.raises(DistillError, match="temperature must be positive"):
+    with pytest.raises(SettingsError, match="temperature must be positive"):
         DistillSettings(temperature=0)
 
 
 def test_registry_names_the_methods_and_refuses_others():
     assert set(RECOVERIES) == {"none", "patch", "lora", "kd", "patch+kd", "auto"}
-    with pytest.raises(RecoverError, match="unknown recovery 'magic'; choose from none, patch"):
+    with pytest.raises(SettingsError, match="unknown recovery 'magic'; choose from none, patch"):
         RecoverSettings(method="magic")
 
 
@@ -170,5 +172,5 @@ def test_recover_refuses_a_patch_it_cannot_express_before_any_work(text_file):
     with pytest.raises(PatchError, match="drops only a half"):
         recover(tiny_model("llama"), CharTokenizer(), Plan.parse("mlp-skip:2", 6),
                 recover_settings("patch+kd", text_file), progress=False)
-    with pytest.raises(DataError, match="neither a file nor a bundled name"):
-        RecoverSettings(data=("no-such-text",)).check_files()
+    with pytest.raises(DataError, match="training text: .*neither a file nor a bundled name"):
+        RecoverSettings(method="kd", data=("no-such-text",)).check()

@@ -3,7 +3,7 @@
 A linear patch fitted on one domain fits that domain: calibrated on WikiText-2 valid alone, a patch of
 SmolLM2 minus 6 layers lowered WikiText-2 test perplexity (68.6 -> 39.9) but raised a novel's
 (58.6 -> 64.1); mixed from WikiText-2 valid, *Pride and Prejudice* and *Frankenstein* it lowered both
-(issue 19). So recovery calibrates on a mix by default, split evenly over the texts.
+(issue 19). So recovery calibrates on a mix by default (`settings.CALIBRATION_MIX`), split evenly over the texts.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 from .corpora import read_text
 from .errors import LayerlabError
 from .evaluate.perplexity import Window, bos_id, encode_text, make_windows
-
-DEFAULT_MIX = ("wikitext2-valid", "pride-and-prejudice", "frankenstein")
 
 
 class CalibrationError(LayerlabError):

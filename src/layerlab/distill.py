@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,31 +34,16 @@ from torch import nn
 
 from .arch import arch_of, decoder_layers
 from .errors import LayerlabError
-from .heal import HealSettings, fingerprint, lora_config, target_modules, train_adapters
+from .heal import fingerprint, lora_config, target_modules, train_adapters
 from .patch import BlockPatch, blocks, fold, insert_maps
 from .plan import Plan
 from .runtime import apply_plan, current_plan
+from .settings import DistillSettings
 from .streams import Recorder, place
 
 
 class DistillError(LayerlabError):
     """Distillation settings or inputs that cannot work."""
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Distillation on top of the LoRA loop's settings (`training`: steps, lr, rank, batch, seed, checkpoints)."""
-
-    training: HealSettings = field(default_factory=HealSettings)
-    temperature: float = 1.0
-    hidden_weight: float = 0.0  # weight of the hidden-state term at the kept boundaries (0: KL only)
-    teacher: str = "all"  # the teacher plan: it must be the full model
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise DistillError(f"the distillation temperature must be positive, got {self.temperature}")
-        if self.hidden_weight < 0:
-            raise DistillError(f"the hidden-state weight must be >= 0, got {self.hidden_weight}")
 
 
 @dataclass
@@ -107,10 +92,7 @@ def check_distillable(model: nn.Module, plan: Plan, settings: DistillSettings) -
     """One-line errors before any work."""
     if current_plan(model) is not None:
         raise DistillError("a plan is applied to the model at run time; restore it and pass the plan instead")
-    teacher = Plan.parse(settings.teacher, plan.num_layers)
-    if not teacher.is_identity:
-        raise DistillError(f"the distillation teacher must be the full model (plan 'all'), got {settings.teacher!r}; "
-                           "the teacher runs the same weights with every layer")
+    settings.check(plan.num_layers)  # the teacher is the full model
     if plan.is_identity:
         raise DistillError("the plan removes nothing, so the student is the teacher; distill a pruned plan")
     if settings.hidden_weight and (not plan.whole_layers or list(plan.layers) != sorted(set(plan.layers))):
@@ -120,7 +102,8 @@ def check_distillable(model: nn.Module, plan: Plan, settings: DistillSettings) -
 
 def distill(model: nn.Module, windows: torch.Tensor, plan: Plan, settings: DistillSettings | None = None,
             patches: list[BlockPatch] | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-            callback: Callable[[int, float], None] | None = None, progress: bool = True) -> DistillResult:
+            callback: Callable[[int, float], None] | None = None, progress: bool = True,
+            provenance: dict | None = None) -> DistillResult:
     """Train LoRA on the kept layers of `plan` (over `patches`, if given) to match the full model on `windows`
     (`[windows, ctx]` token ids); return the pruned copy with everything merged. `model` ends as it was."""
     from peft import get_peft_model
@@ -139,7 +122,7 @@ def distill(model: nn.Module, windows: torch.Tensor, plan: Plan, settings: Disti
     peft_model = get_peft_model(model, lora_config(training, kept))
     try:
         losses, seconds = _train(peft_model, model, windows, plan, settings, patches, checkpoint_dir, resume,
-                                 callback, progress)
+                                 callback, progress, provenance or {})
         deltas = _deltas(peft_model, model)
     finally:
         peft_model.unload()  # the adapters come out; the weights were never changed
@@ -154,7 +137,8 @@ def distill(model: nn.Module, windows: torch.Tensor, plan: Plan, settings: Disti
 
 
 def _train(peft_model, model: nn.Module, windows: torch.Tensor, plan: Plan, settings: DistillSettings,
-           patches: list[BlockPatch] | None, checkpoint_dir, resume: bool, callback, progress: bool):
+           patches: list[BlockPatch] | None, checkpoint_dir, resume: bool, callback, progress: bool,
+           provenance: dict):
     """The loop: teacher pass (no plan, adapters off), student pass (plan and maps on), loss."""
     applied = apply_plan(model, plan)
     if patches:
@@ -176,7 +160,7 @@ def _train(peft_model, model: nn.Module, windows: torch.Tensor, plan: Plan, sett
                 loss = loss + settings.hidden_weight * hidden_loss([recorder[s] for s, _ in pairs], teacher_streams)
         return loss
 
-    extra = {"method": "kd", "patch_sha256": _patch_digest(patches)}
+    extra = {"method": "kd", "patch_sha256": _patch_digest(patches), **provenance}
     return train_adapters(peft_model, windows, settings.training, loss_of,
                           fingerprint(settings, plan, windows, **extra), checkpoint_dir, resume, callback, progress,
                           desc="distilling")

@@ -38,49 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Arch, arch_of, decoder_layers, get_path
-from .calibration import DEFAULT_MIX, mixed_windows
-from .errors import LayerlabError
+from .calibration import mixed_windows
+from .errors import LayerlabError, SettingsError
 from .evaluate.perplexity import Window, window_nll
 from .hadamard import hadamard
 from .plan import Plan
 from .runtime import apply_plan, current_plan
+from .settings import PatchSettings, check_patch_plan
 from .streams import Gram, Recorder, TokenStore, place, stream_pass
 
-FORMS = ("auto", "full", "diagonal", "hadamard", "rotation")
-OBJECTIVES = ("lstsq", "cosine")
 NORM_FOLDABLE = ("diagonal", "rotation")  # the forms that pass through a norm on the MLP output
 
 
 class PatchError(LayerlabError):
     """A patch that cannot be fitted or folded for this plan or model."""
-
-
-@dataclass(frozen=True)
-class PatchSettings:
-    """How to fit the patch. The defaults fit SmolLM2 minus 6 layers in about a minute on 2 CPU cores."""
-
-    calibration: tuple[str, ...] = DEFAULT_MIX  # texts (bundled names or files), mixed evenly
-    tokens: int = 8192  # calibration token budget
-    ctx: int = 256
-    form: str = "auto"
-    objective: str = "lstsq"
-    ridge: float = 1e-4  # times the mean of diag(XᵀX)
-    steps: int = 300  # Adam steps (cosine objective; rotation form)
-    lr: float = 1e-4
-    batch_tokens: int = 1024  # tokens per Adam step (cosine objective)
-    seed: int = 0
-    store: str | None = None  # folder for the streamed activations of the cosine objective (default: temp)
-
-    def __post_init__(self) -> None:
-        if self.form not in FORMS:
-            raise PatchError(f"unknown patch form {self.form!r}; choose from {', '.join(FORMS)}")
-        if self.objective not in OBJECTIVES:
-            raise PatchError(f"unknown patch objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
-        for name, low in (("tokens", 2), ("ctx", 2), ("steps", 1), ("batch_tokens", 1)):
-            if getattr(self, name) < low:
-                raise PatchError(f"patch {name} must be at least {low}, got {getattr(self, name)}")
-        if self.ridge < 0 or self.lr <= 0:
-            raise PatchError("patch ridge must be >= 0 and lr > 0")
 
 
 @dataclass(frozen=True)
@@ -172,19 +143,11 @@ def check_patchable(model: nn.Module, plan: Plan, form: str = "auto") -> list[Bl
     if current_plan(model) is not None:
         raise PatchError("a plan is applied to the model at run time; restore it and pass the plan instead")
     resolve_form(arch_of(model), form)
-    if not plan.whole_layers:
-        halves = ", ".join(str(s.layer) for s in plan.steps if not (s.attention and s.mlp))
-        raise PatchError(f"a linear patch replaces whole removed layers, but the plan drops only a half of layer(s) "
-                         f"{halves}; patch a whole-layer plan, or heal this one with lora or kd")
-    if list(plan.layers) != sorted(set(plan.layers)):
-        raise PatchError(f"a linear patch replaces removed layers of a model run in order, but plan {plan.to_text()} "
-                         "repeats or reorders layers; heal it with lora or kd instead")
+    try:
+        check_patch_plan(plan)
+    except SettingsError as exc:
+        raise PatchError(str(exc)) from None
     found = blocks(plan)
-    if not found:
-        raise PatchError("the plan removes no layer; there is nothing to patch")
-    if found[0].first == 0:
-        raise PatchError("the plan removes layer 0, and a patch folds into the kept layer before a removed run; "
-                         "keep layer 0, or heal with lora or kd instead")
     return found
 
 

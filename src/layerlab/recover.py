@@ -2,7 +2,8 @@
 
 `recover(model, tokenizer, plan, settings)` returns the pruned model, recovered, as a plain materialized
 model (it exports like any other) with a JSON-ready record of what was done and the calibration loss
-before and after. `model` itself is left as it was. Methods (`RECOVERIES`):
+before and after. `model` itself is left as it was. Methods (`settings.RECOVERIES`; their settings are
+`settings.RecoverSettings`, checked before any model loads):
 - `none`: the pruned model as it is;
 - `patch`: a training-free linear map per removed block, folded into the weights (`patch.py`);
 - `lora`: LoRA fine-tuning on language-model loss (`heal.py`);
@@ -18,54 +19,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_MIX, mixed_windows
-from .corpora import resolve
-from .distill import DistillSettings, check_distillable, distill
+from .calibration import mixed_windows
+from .distill import check_distillable, distill
 from .errors import LayerlabError
-from .heal import HealSettings, heal_windows
-from .patch import PatchSettings, calibration_loss, check_patchable, patch
+from .heal import heal_windows
+from .patch import calibration_loss, check_patchable, patch
 from .plan import Plan
 from .runtime import apply_plan
-
-RECOVERIES = {
-    "none": "the pruned model as it is",
-    "patch": "a training-free linear map per removed block, fitted on calibration text and folded into the weights",
-    "lora": "LoRA fine-tuning on language-model loss over the training text",
-    "kd": "LoRA trained to match the full model's next-token distributions (the same weights, every layer)",
-    "patch+kd": "the linear patch, then distillation on top of it",
-    "auto": "the linear patch when it lowers the calibration loss, else none",
-}
-
-
-class RecoverError(LayerlabError):
-    """A recovery that cannot run."""
-
-
-@dataclass(frozen=True)
-class RecoverSettings:
-    """Which recovery, and the settings of each part."""
-
-    method: str = "auto"
-    patch: PatchSettings = field(default_factory=PatchSettings)
-    distill: DistillSettings = field(default_factory=DistillSettings)
-    training: HealSettings = field(default_factory=HealSettings)  # lora and kd: the LoRA loop
-    data: tuple[str, ...] = DEFAULT_MIX  # lora and kd training text, mixed evenly
-
-    def __post_init__(self) -> None:
-        if self.method not in RECOVERIES:
-            raise RecoverError(f"unknown recovery {self.method!r}; choose from {', '.join(RECOVERIES)}")
-
-    def check_files(self) -> None:
-        """Refuse a calibration or training text that is not there, before any model loads."""
-        for source in (*self.patch.calibration, *self.data):
-            if not source.startswith("hf:"):
-                resolve(source)
+from .settings import RecoverSettings
 
 
 @dataclass
@@ -91,8 +58,10 @@ def check_recoverable(model: nn.Module, plan: Plan, settings: RecoverSettings) -
 
 
 def recover(model: nn.Module, tokenizer, plan: Plan, settings: RecoverSettings | None = None,
-            checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> Recovery:
-    """Recover `plan` on `model` by `settings.method`; `checkpoint_dir`/`resume` apply to the training methods."""
+            checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+            provenance: dict | None = None) -> Recovery:
+    """Recover `plan` on `model` by `settings.method`; `checkpoint_dir`/`resume` apply to the training methods,
+    whose checkpoints also record `provenance` (the model's fingerprint)."""
     from .export.hf import materialize
 
     settings = settings or RecoverSettings()
@@ -111,10 +80,12 @@ def recover(model: nn.Module, tokenizer, plan: Plan, settings: RecoverSettings |
     fitted = patch(model, tokenizer, plan, settings.patch, progress, materialize=False, windows=calibration) \
         if method == "patch+kd" else None
     if method == "lora":
-        result = heal_windows(model, training, plan, settings.training, checkpoint_dir, resume, progress=progress)
+        result = heal_windows(model, training, plan, settings.training, checkpoint_dir, resume, progress=progress,
+                              provenance=provenance)
     else:
         result = distill(model, training, plan, replace(settings.distill, training=settings.training),
-                         fitted.patches if fitted else None, checkpoint_dir, resume, progress=progress)
+                         fitted.patches if fitted else None, checkpoint_dir, resume, progress=progress,
+                         provenance=provenance)
     if fitted is not None:
         before = fitted.loss_before
     else:

@@ -93,8 +93,6 @@ class AppliedPlan:
         self._check_free()
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
-        if not any(step.attention for step in plan.steps):
-            raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
         self._install()
 

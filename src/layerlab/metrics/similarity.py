@@ -25,6 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..errors import SettingsError
 from ..evaluate.perplexity import calibration_windows
 from ..plan import Plan
 from ..streams import STREAMS, Recorder, place, record, stream_pass
@@ -62,7 +63,7 @@ def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int =
                tokens: str = "all", progress: bool = True) -> Similarity:
     """All hook-based metrics for `plan`'s steps from one pass over `windows` windows of `text`."""
     if tokens not in ("all", "last"):
-        raise ValueError("tokens must be 'all' or 'last'")
+        raise SettingsError("tokens must be 'all' or 'last'")
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     plan = plan or Plan.identity(n_layers)
     chunks = calibration_windows(tokenizer, text, ctx, windows)
