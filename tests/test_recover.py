@@ -174,3 +174,15 @@ def test_recover_refuses_a_patch_it_cannot_express_before_any_work(text_file):
                 recover_settings("patch+kd", text_file), progress=False)
     with pytest.raises(DataError, match="training text: .*neither a file nor a bundled name"):
         RecoverSettings(method="kd", data=("no-such-text",)).check()
+
+
+def test_heal_command_with_the_patch_writes_a_plain_recovered_model(tiny_folder, text_file, tmp_path):
+    from layerlab.cli import main
+
+    out = tmp_path / "patched"
+    code = main(["heal", "-m", str(tiny_folder), "-p", "skip:2-3", "--method", "patch", "--calibration", text_file,
+                 "--calib-tokens", "256", "--eval-windows", "0", "--out", str(out)])
+    assert code == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    record = json.loads((out / "recovery.json").read_text())
+    assert record["method"] == "patch" and record["patch"]["blocks"][0]["kept"] == 1
