@@ -229,6 +229,21 @@ CASES = [
     Case("workers-with-a-one-shot-method", "search -m {tiny} --remove 1 --method bi --workers 2", "drop --workers"),
     Case("streamed-greedy", "search -m {tiny} --remove 1 --streamed", "--streamed"),
     Case("streamed-with-ppl-delta", "score -m {tiny} --streamed --ppl-delta", "drop --streamed or --ppl-delta"),
+    # recovery: a patch over a removal it cannot express, short calibration text, a teacher that is not the full model
+    Case("heal-patch-over-a-half", "heal -m {tiny} -p attn-skip:1 --method patch --out {tmp}/h", "drops only a half"),
+    Case("heal-patch-over-layer-0", "heal -m {tiny} -p skip:0 --method patch --out {tmp}/h", "removes layer 0"),
+    Case("heal-patch-over-a-reorder", "heal -m {tiny} -p 0,2,1,3,4,5 --method patch+kd --out {tmp}/h",
+         "repeats or reorders"),
+    Case("prune-patch-on-halves", "prune -m {tiny} --heal patch --granularity sublayer --out {tmp}/o",
+         "patches whole removed layers"),
+    Case("heal-kd-teacher-not-full", "heal -m {tiny} -p skip:1 --method kd --teacher skip:2 --out {tmp}/h",
+         "teacher must be the full model"),
+    Case("heal-calibration-budget-too-small", "heal -m {tiny} -p skip:1 --method patch --calib-tokens 100 "
+         "--out {tmp}/h", "raise it to at least 768"),
+    Case("heal-calibration-text-too-short", "heal -m {tiny} -p skip:1 --method patch --calibration {tmp}/s.txt "
+         "--calib-tokens 512 --out {tmp}/h", "fewer than one window", text_file("s.txt", "Far too short.")),
+    Case("heal-patch-on-the-eval-text", "heal -m {tiny} -p skip:1 --method patch --calibration wikitext2-test "
+         "--out {tmp}/h", "evaluation text"),
 ]
 TINY: list[Path] = []
 

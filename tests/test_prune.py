@@ -11,8 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import layerlab
-from layerlab import Plan, apply_plan
+from layerlab import Plan
+from layerlab.errors import SettingsError
+from layerlab.export.hf import materialize
 from layerlab.prune import QUICK_EVAL, PruneSettings, prune
+from layerlab.recover import recover
+from layerlab.settings import HealSettings, RecoverSettings
 
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
                          evaluation=replace(QUICK_EVAL, ppl_windows=2, rows=4, max_new_tokens=4, speed_rounds=1,
@@ -27,7 +31,7 @@ def job(tiny_folder, tmp_path_factory):
 
 
 def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(job):
-    model, _, out, data = job
+    model, tokenizer, out, data = job
     plan = Plan.parse(data["plan"], 6)
     assert len(plan.steps) == 4 and len(data["removed"]) == 2
     rows = data["evaluation"]["rows"]
@@ -40,8 +44,14 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     assert json.loads((out / "report.json").read_text())["plan"] == data["plan"]
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad(), apply_plan(model, plan):
-        assert (exported(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    recovery = data["recovery"]  # the default: the linear patch when it lowers the calibration loss
+    patched = recovery["calibration_loss_after"] < recovery["calibration_loss_before"]
+    assert recovery["method"] == ("patch" if patched else "none") and recovery["reason"]
+    assert (data["healed"] is not None) == patched
+    expected = recover(model, tokenizer, plan, replace(SETTINGS.recovery, method="patch"), progress=False).model \
+        if patched else materialize(model, plan)
+    with torch.no_grad():
+        assert (exported(ids).logits - expected(ids).logits).abs().max() <= 1e-4
     html = (out / "report.html").read_text()
     assert html.count("<img src=\"data:image/png;base64,") == 6 and html.count("<table>") == 4  # eval: summary, tasks
 
@@ -84,14 +94,23 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_prune_with_healing_adds_a_healed_row_and_model(tiny_folder, tmp_path):
-    from layerlab.heal import HealSettings
-
+def test_prune_with_distillation_adds_a_healed_row_and_exports_the_healed_model(tiny_folder, tmp_path):
     model, tokenizer = layerlab.load(str(tiny_folder))
-    settings = replace(SETTINGS, heal=True, heal_settings=HealSettings(steps=2, ctx=32, batch_size=2), export=False)
+    settings = replace(SETTINGS, recovery=RecoverSettings(method="kd",
+                                                          training=HealSettings(steps=2, ctx=32, batch_size=2)))
     data = prune(model, tokenizer, str(tiny_folder), tmp_path / "out", settings, progress=False)
     healed = data["healed"]
-    assert healed["plan"] == data["plan"] + " + LoRA" and len(healed["losses"]) == 2
+    assert healed["plan"] == data["plan"] + " + kd" and len(healed["losses"]) == 2
     assert "delta" in healed["ppl"] and "acc_norm" in healed["tasks"]["hellaswag"]["delta"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "healed").config.num_hidden_layers == 4
-    assert "+ LoRA" in (tmp_path / "out" / "report.html").read_text() and not (tmp_path / "out" / "model").exists()
+    assert data["recovery"]["method"] == "kd" and len(data["recovery"]["training"]["losses"]) == 2
+    exported = tmp_path / "out" / "model"
+    assert AutoModelForCausalLM.from_pretrained(exported).config.num_hidden_layers == 4
+    assert json.loads((exported / "recovery.json").read_text())["method"] == "kd"
+    assert "+ kd" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_prune_refuses_an_unknown_recovery_and_a_patch_over_halves():
+    with pytest.raises(SettingsError, match="unknown recovery 'magic'"):
+        PruneSettings(recovery=RecoverSettings(method="magic"))
+    with pytest.raises(SettingsError, match="--heal patch patches whole removed layers"):
+        PruneSettings(granularity="sublayer", recovery=RecoverSettings(method="patch"))

@@ -24,11 +24,15 @@ from .settings import (
     EVAL_TASKS,
     EXPORT_FORMATS,
     GRANULARITIES,
+    PATCH_FORMS,
+    PATCH_OBJECTIVES,
     PLAN_FORMATS,
     QUICK_EVAL,
+    RECOVERIES,
     SEARCH_METHODS,
     TOKEN_MODES,
     AnalyzeSettings,
+    DistillSettings,
     EvalJob,
     EvalSettings,
     ExportSettings,
@@ -37,8 +41,10 @@ from .settings import (
     HealSettings,
     ModelSpec,
     ParallelSettings,
+    PatchSettings,
     PruneJob,
     PruneSettings,
+    RecoverSettings,
     ScoreSettings,
     SearchSettings,
     SpeculateSettings,
@@ -444,8 +450,22 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
 @model_options
 @click.option("--plan", "-p", "plan_text", default=HealJob.plan, show_default=True,
               help="Layer plan to remove before healing ('all' heals the model as loaded, e.g. an export).")
+@click.option("--method", type=click.Choice(tuple(RECOVERIES)), default=HealJob.method, show_default=True,
+              help="Recovery: " + "; ".join(f"{name}: {text}" for name, text in RECOVERIES.items()) + ".")
 @click.option("--data", default=HealJob.data, show_default=True,
-              help="Healing text: bundled name or text file. Must not be the evaluation text.")
+              help="Training text of lora and kd: bundled name or text file. Must not be the evaluation text.")
+@click.option("--calibration", help="Comma-separated calibration texts of the patch, mixed evenly "
+                                    f"(default: {','.join(PatchSettings.calibration)}).")
+@click.option("--calib-tokens", default=PatchSettings.tokens, show_default=True, type=int,
+              help="Patch: calibration token budget.")
+@click.option("--form", type=click.Choice(PATCH_FORMS), default=PatchSettings.form, show_default=True,
+              help="Patch: the map's form (auto: full, or rotation x scale behind a norm on the MLP output).")
+@click.option("--objective", type=click.Choice(PATCH_OBJECTIVES), default=PatchSettings.objective,
+              show_default=True, help="Patch: least squares, or ReplaceMe's cosine objective.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="kd: softmax temperature.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=float,
+              help="kd: weight of the hidden-state MSE at kept boundaries (0: KL only).")
+@click.option("--teacher", default="all", show_default=True, help="kd: the teacher plan; must be the full model.")
 @click.option("--steps", default=HealSettings.steps, show_default=True, type=int)
 @click.option("--lr", default=HealSettings.lr, show_default=True, type=float)
 @click.option("--rank", default=HealSettings.rank, show_default=True, type=int, help="LoRA rank.")
@@ -463,26 +483,40 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
               help="Folder for the merged model (adapter/ and healing.json inside).")
 @click.option("--force", is_flag=True, help="Replace a --out that layerlab wrote, and start over from old checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out>.checkpoints.")
-def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, rank, alpha, modules, ctx, batch_size,
-         seed, checkpoint_every, eval_text, eval_windows, out, force, resume) -> None:
-    """Heal a pruned model: LoRA fine-tune on a text, merge, and write a plain model folder."""
+def heal(source, dtype, device, trust_remote_code, plan_text, method, data, calibration, calib_tokens, form,
+         objective, temperature, hidden_weight, teacher, steps, lr, rank, alpha, modules, ctx, batch_size, seed,
+         checkpoint_every, eval_text, eval_windows, out, force, resume) -> None:
+    """Recover a pruned model (LoRA, distillation or a linear patch), and write a plain model folder."""
     from rich.table import Table
 
     from . import jobs
 
     training = HealSettings(steps=steps, lr=lr, rank=rank, alpha=alpha, ctx=ctx, batch_size=batch_size, seed=seed,
                             checkpoint_every=checkpoint_every, target_modules=_names(modules) if modules else None)
-    job = HealJob(_spec(source, dtype, device, trust_remote_code), plan_text, data, training, eval_text, eval_windows,
-                  out, force, resume)
+    patch = PatchSettings(calibration=_names(calibration) if calibration else PatchSettings.calibration,
+                          tokens=calib_tokens, form=form, objective=objective)
+    distill = DistillSettings(temperature=temperature, hidden_weight=hidden_weight, teacher=teacher)
+    job = HealJob(_spec(source, dtype, device, trust_remote_code), plan_text, method, data, training, patch, distill,
+                  eval_text, eval_windows, out, force, resume)
     outcome = jobs.heal(job)
-    result = outcome.result
     table = Table("model", "layers", f"perplexity ({eval_text}, {eval_windows}x512 tokens)",
-                  title=f"healed {outcome.plan.to_text()} on {data}: {steps} steps, loss {result.losses[0]:.3f} -> "
-                        f"{result.losses[-1]:.3f}, {result.seconds:.0f} s")
+                  title=f"{method} on {outcome.plan.to_text()}: {_recovery_summary(outcome.result)}")
     for name, layers, ppl in outcome.perplexities:
         table.add_row(name, str(layers), f"{ppl:.2f}")
     _print(table)
-    _print(f"merged model written to {out}, adapter to {out}/adapter")
+    _print(f"model written to {out}" + (f", adapter to {out}/adapter" if method == "lora" else ""))
+
+
+def _recovery_summary(result) -> str:
+    """One line on what a recovery did: training loss, or the calibration perplexity and the reason."""
+    if hasattr(result, "losses"):  # heal.HealResult
+        return f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, {result.seconds:.0f} s"
+    record = result.record
+    text = f"as {result.method}"
+    if "calibration_perplexity_before" in record:
+        text += (f", calibration perplexity {record['calibration_perplexity_before']:.2f} -> "
+                 f"{record['calibration_perplexity_after']:.2f}")
+    return text + (f" ({record['reason']})" if record.get("reason") else "")
 
 
 @cli.command()
@@ -506,8 +540,10 @@ def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, r
               help="Evaluation: as for layerlab eval (e.g. ppl,suite,samples,speed).")
 @click.option("--rows", default=QUICK_EVAL.rows, show_default=True, type=int,
               help="Evaluation: rows per zero-shot task (0: all).")
-@click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
-@click.option("--heal-steps", type=int, help="Healing steps (default: layerlab heal's).")
+@click.option("--heal", type=click.Choice(tuple(RECOVERIES)), default=RecoverSettings.method, show_default=True,
+              help="Recover the chosen plan (a 'healed' row, and the exported model): " +
+                   "; ".join(f"{name}: {text}" for name, text in RECOVERIES.items()) + ".")
+@click.option("--heal-steps", type=int, help="Training steps of lora and kd (default: layerlab heal's).")
 @click.option("--export/--no-export", default=PruneSettings.export, show_default=True,
               help="Write the smaller model to OUT/model.")
 @click.option("--out", "-o", default=PruneJob.out, show_default=True, type=click.Path(file_okay=False))
@@ -524,8 +560,8 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
     settings = PruneSettings(drop=_share(drop), layers=layers, target_speedup=target_speedup, granularity=granularity,
                              calibration=calibration, calib_ctx=ctx, calib_windows=windows, keep=keep,
                              evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, tasks=tasks,
-                                                rows=_none_if_zero(rows)), heal=heal,
-                             heal_settings=healing, export=export)
+                                                rows=_none_if_zero(rows)),
+                             recovery=RecoverSettings(method=heal, training=healing), export=export)
     job = PruneJob(_spec(source, dtype, device, trust_remote_code), settings, out, resume, force)
     try:
         data = run_prune(job)
@@ -538,6 +574,9 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
     _print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
            f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
            f"({data['best_one_shot']['method']}))")
+    if data["recovery"]:
+        _print(f"recovery: {data['recovery']['method']}" + (f" ({data['recovery']['reason']})"
+                                                              if data["recovery"].get("reason") else ""))
     if data["exported"]:
         _print(f"smaller model: {data['exported']}")
     _print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")

@@ -220,23 +220,21 @@ def _search(settings: SearchSettings, info: ModelInfo, calibration: str, budget,
 @dataclass
 class HealOutcome:
     plan: Plan
-    result: object  # heal.HealResult
+    result: object  # heal.HealResult (lora), recover.Recovery (the other methods)
     perplexities: list[tuple[str, int, float]]  # (model, layers, perplexity) on the held-out text
 
 
 def heal(job: HealJob) -> HealOutcome:
-    """LoRA-heal a pruned model, measure held-out perplexity before and after, write the merged model."""
+    """Recover a pruned model (`job.method`), measure held-out perplexity before and after, write the model."""
     from .corpora import read_text
-    from .heal import checkpoint_folder, save_healed
-    from .heal import heal as run_heal
+    from .heal import checkpoint_folder
     from .runtime import apply_plan
 
     info = job.model.inspect()
     job.check(info)
     plan = Plan.load(job.plan, info.num_layers)
-    healing = read_text(job.data)
     held_out = read_text(job.eval_text) if job.eval_windows else None
-    check_windows(job.model, [("--data", job.data, job.training.ctx)] +
+    check_windows(job.model, job.recovery().calibration_needs() +
                   ([("--eval-text", job.eval_text, 512)] if held_out is not None else []))
     model, tokenizer = job.model.load()
     rows = []
@@ -246,13 +244,33 @@ def heal(job: HealJob) -> HealOutcome:
             with apply_plan(model, p):
                 rows.append((name, len(p.steps), _perplexity(model, tokenizer, held_out, job.eval_windows)))
     checkpoints = checkpoint_folder(job.out)
-    result = run_heal(model, tokenizer, healing, plan, job.training, checkpoint_dir=checkpoints, resume=job.resume,
-                      provenance={"model": info.fingerprint})
+    result = _run_recovery(job, model, tokenizer, plan, checkpoints, {"model": info.fingerprint})
     if held_out is not None:
         rows.append(("healed", len(plan.steps), _perplexity(result.model, tokenizer, held_out, job.eval_windows)))
-    save_healed(result, tokenizer, job.out, job.force)
+    if job.method == "lora":
+        from .heal import save_healed
+
+        save_healed(result, tokenizer, job.out, job.force)
+    else:
+        from .recover import save_recovered
+
+        save_recovered(result, tokenizer, job.out, job.force)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return HealOutcome(plan, result, rows)
+
+
+def _run_recovery(job: HealJob, model, tokenizer, plan: Plan, checkpoints: Path, provenance: dict):
+    """LoRA on the one --data text (with its adapter kept apart), or any other method through `recover`."""
+    if job.method == "lora":
+        from .corpora import read_text
+        from .heal import heal as run_heal
+
+        return run_heal(model, tokenizer, read_text(job.data), plan, job.training, checkpoint_dir=checkpoints,
+                        resume=job.resume, provenance=provenance)
+    from .recover import recover
+
+    return recover(model, tokenizer, plan, job.recovery(), checkpoint_dir=checkpoints, resume=job.resume,
+                   provenance=provenance)
 
 
 def _perplexity(model, tokenizer, text: str, windows: int) -> float:

@@ -9,8 +9,10 @@ where it stopped instead of starting over:
    whichever has the lower calibration perplexity (greedy with pruning is not guaranteed to win, and
    the evaluation text is never used to choose);
 4. evaluate: baseline, greedy plan and best one-shot plan side by side (`eval.json`);
-5. heal (optional): LoRA on the chosen plan, evaluated as one more row (`healed.json`, `healed/`);
-6. export: the chosen plan as a Hugging Face folder (`model/`);
+5. recover: by default the training-free linear patch when it lowers the calibration loss (`recover.py`,
+   method `auto`), or the method asked for; a recovered model is evaluated as one more row
+   (`healed.json`) and is what gets exported;
+6. export: the chosen plan, recovered, as a Hugging Face folder (`model/`);
 7. report: `report.html` (self-contained) and `report.json` (analysis/report.py).
 
 The run folder: a new (or empty) `out` is created with a manifest recording what produces the run
@@ -53,8 +55,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     settings.check(info.num_layers)
     _check_out(Path(job.out), job, info)
     check_windows(job.model, [("--calibration", settings.calibration, settings.calib_ctx),
-                              ("the evaluation text", settings.evaluation.ppl_text, settings.evaluation.ctx)] +
-                  ([("the healing text", settings.heal_text, settings.heal_settings.ctx)] if settings.heal else []))
+                              ("the evaluation text", settings.evaluation.ppl_text, settings.evaluation.ctx),
+                              *settings.recovery.calibration_needs()])
     model, tokenizer = job.model.load()
     return prune(model, tokenizer, job.model.source, job.out, job.settings, resume=job.resume, force=job.force,
                  progress=progress, info=info)
@@ -89,7 +91,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
         plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
         evaluation = _cached(work / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
             model, tokenizer, plans, settings.evaluation, store=work / "eval", progress=progress))
-        healed = _heal_row(model, tokenizer, chosen, work, settings, progress) if settings.heal else None
+        healed = _recover_row(model, tokenizer, chosen, work, settings, progress, {"model": info.fingerprint})
         if healed is not None:  # against the baseline row, paired on the same items
             add_deltas([dict(evaluation["rows"][0]), healed], settings.evaluation.confidence, settings.evaluation.seed)
         if settings.export and not (work / "model" / "config.json").is_file():
@@ -101,6 +103,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
             "greedy_plan": found["greedy"][1], "removed": [t["removed"] for t in state.trace],
             "scores": scores.to_dict(), "search": asdict(state),
             "one_shot": one_shots, "best_one_shot": best_one_shot, "evaluation": evaluation, "healed": healed,
+            "recovery": json.loads(recovery.read_text()) if (recovery := work / "recovery.json").is_file() else None,
             "candidates": _candidate_points(model, state, one_shots, n_layers),
             "exported": str(Path(out) / "model") if settings.export else None,
         }
@@ -111,8 +114,11 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
 def _record(info: ModelInfo, settings: PruneSettings) -> dict:
     """What produces a run: resuming needs the same model, settings and texts."""
     sources = {"calibration": settings.calibration, "evaluation": settings.evaluation.ppl_text}
-    if settings.heal:
-        sources["healing"] = settings.heal_text
+    recovery = settings.recovery
+    if recovery.patches:
+        sources |= {f"patch calibration {source}": source for source in recovery.patch.calibration}
+    if recovery.trains:
+        sources |= {f"training {source}": source for source in recovery.data}
     texts = {name: hashlib.sha256(read_text(source).encode("utf-8")).hexdigest()[:16]
              for name, source in sources.items()}
     texts |= {f"task {name}": data.sha256[:16] for name, data in settings.evaluation.check().items()}
@@ -187,20 +193,31 @@ def _cached(path: Path, key: list[str], compute) -> dict:
     return value
 
 
-def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool) -> dict:
-    """Heal the chosen plan with LoRA, save the healed model, and evaluate it like the other rows."""
-    from .heal import heal, save_healed
+def _recover_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool,
+                 provenance: dict) -> dict | None:
+    """Recover the chosen plan (`settings.recovery`), write it as the exported model, and evaluate it like the
+    other rows; None when nothing was recovered (the record of why is in `recovery.json`)."""
+    from .recover import recover, save_recovered
 
     def compute() -> dict:
-        result = heal(model, tokenizer, read_text(settings.heal_text), plan, settings.heal_settings,
-                      checkpoint_dir=out / "healing.checkpoints", resume=True, progress=progress)
-        save_healed(result, tokenizer, out / "healed", force=True)
-        n = result.model.config.get_text_config(decoder=True).num_hidden_layers
+        recovery = recover(model, tokenizer, plan, settings.recovery, checkpoint_dir=out / "healing.checkpoints",
+                           resume=True, progress=progress, provenance=provenance)
+        update_file(out / "recovery.json", json.dumps({"producer": "layerlab", **recovery.summary()}, indent=1,
+                                                      default=str))
+        if recovery.method == "none":
+            return {}
+        if settings.export:
+            save_recovered(recovery, tokenizer, out / "model", force=True)
+        n = recovery.model.config.get_text_config(decoder=True).num_hidden_layers
         no_speed = replace(settings.evaluation, tasks=tuple(t for t in settings.evaluation.tasks if t != "speed"))
-        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], no_speed, progress=progress)["rows"]
-        return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
+        rows = evaluate_plans(recovery.model, tokenizer, [Plan.identity(n)], no_speed, progress=progress)["rows"]
+        losses = recovery.record.get("training", {}).get("losses")
+        return rows[0] | {"plan": f"{plan.to_text()} + {recovery.method}", "losses": losses,
+                          "reason": recovery.record.get("reason")}
 
-    return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)
+    if settings.heal == "none":
+        return None
+    return _cached(out / "healed.json", [plan.to_text(), repr(settings.recovery)], compute) or None
 
 
 def _candidate_points(model, state: SearchState, one_shots: list[dict], n_layers: int) -> list[dict]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import arch_of, decoder_layers, get_path
+from .arch import arch_of, get_path
 from .errors import LayerlabError, PlanError, ResumeError
 from .evaluate.perplexity import Window, calibration_windows, logits_nll, scored_tokens, window_nll
 from .evaluate.speed import parameter_bytes
@@ -37,6 +37,7 @@ from .metrics.similarity import Similarity
 from .plan import Plan, Step
 from .runtime import apply_plan
 from .settings import GRANULARITIES, ONE_SHOT_METHODS
+from .streams import Recorder, place
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,12 @@ class LossEvaluator:
         """Run the current plan once, keep the stream entering each step, return its loss."""
         self._prefix = []
         total = 0.0
-
-        def keep(module, args, kwargs):
-            self._prefix[-1].append(args[0] if args else kwargs["hidden_states"])
-
-        with apply_plan(self.model, plan):
-            handles = [step.register_forward_pre_hook(keep, with_kwargs=True) for step in decoder_layers(self.model)]
-            try:
-                for window in self.windows:
-                    self._prefix.append([])
-                    total += window_nll(self.model, [window])[0]
-                    self.layer_forwards += len(plan.steps)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        entering = [place("resid_pre", i) for i in range(len(plan.steps))]
+        with apply_plan(self.model, plan), Recorder(self.model, entering) as recorder:
+            for window in self.windows:
+                total += window_nll(self.model, [window])[0]
+                self._prefix.append([recorder[name] for name in entering])
+                self.layer_forwards += len(plan.steps)
         return total
 
     def round(self, options: list[Candidate], desc: str, progress: bool = True) -> dict[str, float]:

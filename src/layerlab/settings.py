@@ -32,6 +32,17 @@ SEARCH_METHODS = ("greedy", *ONE_SHOT_METHODS)
 TOKEN_MODES = ("all", "last")  # which tokens the angular distance averages over
 EXPORT_FORMATS = ("hf", "gguf")
 PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
+RECOVERIES = {  # implemented by recover.recover
+    "none": "the pruned model as it is",
+    "patch": "a training-free linear map per removed block, fitted on calibration text and folded into the weights",
+    "lora": "LoRA fine-tuning on language-model loss over the training text",
+    "kd": "LoRA trained to match the full model's next-token distributions (the same weights, every layer)",
+    "patch+kd": "the linear patch, then distillation on top of it",
+    "auto": "the linear patch when it lowers the calibration loss, else none",
+}
+PATCH_FORMS = ("auto", "full", "diagonal", "hadamard", "rotation")  # implemented by patch.py
+PATCH_OBJECTIVES = ("lstsq", "cosine")
+CALIBRATION_MIX = ("wikitext2-valid", "pride-and-prejudice", "frankenstein")  # see calibration.py
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda)(:\d{1,3})?")
 
 # ------------------------------------------------------------------------------------------ eval tasks
@@ -153,8 +164,9 @@ def check_text_source(source: str, what: str) -> None:
         raise DataError(f"{what}: {exc}") from None
 
 
-def check_windows(model: ModelSpec, needs: list[tuple[str, str, int]]) -> None:
-    """Each `(option, source, ctx)` text holds at least one window of `ctx` tokens of the model's tokenizer.
+def check_windows(model: ModelSpec, needs: list[tuple]) -> None:
+    """Each `(option, source, ctx[, window])` text holds at least `ctx` tokens of the model's tokenizer, and
+    no window (`ctx` unless given) is longer than the model's positions.
 
     Only the tokenizer loads (not the weights), and only a prefix is tokenized when it already suffices.
     """
@@ -163,9 +175,10 @@ def check_windows(model: ModelSpec, needs: list[tuple[str, str, int]]) -> None:
 
     tokenizer = model.tokenizer()
     limit = model.context_length()
-    for option, source, ctx in needs:
-        if limit is not None and ctx > limit:
-            raise SettingsError(f"a window of {ctx} tokens for {option} is longer than the {limit} positions the "
+    for option, source, ctx, *window in needs:
+        window = window[0] if window else ctx
+        if limit is not None and window > limit:
+            raise SettingsError(f"a window of {window} tokens for {option} is longer than the {limit} positions the "
                                 "model was built for; use a smaller --ctx")
         text = read_text(source)
         if len(encode_text(tokenizer, text[: 16 * ctx])) > ctx:
@@ -614,13 +627,152 @@ class HealSettings:
 
 
 @dataclass(frozen=True)
+class PatchSettings:
+    """How to fit the linear patch (patch.py). The defaults fit SmolLM2 minus 6 layers in minutes on 2 CPU cores."""
+
+    calibration: tuple[str, ...] = CALIBRATION_MIX  # texts (bundled names or files), mixed evenly
+    tokens: int = 8192  # calibration token budget
+    ctx: int = 256
+    form: str = "auto"
+    objective: str = "lstsq"
+    ridge: float = 1e-4  # times the mean of diag(XᵀX)
+    steps: int = 300  # Adam steps (cosine objective; rotation form)
+    lr: float = 1e-4
+    batch_tokens: int = 1024  # tokens per Adam step (cosine objective)
+    seed: int = 0
+    store: str | None = None  # folder for the streamed activations of the cosine objective (default: temp)
+
+    def __post_init__(self) -> None:
+        _choose(self.form, PATCH_FORMS, "patch form")
+        _choose(self.objective, PATCH_OBJECTIVES, "patch objective")
+        if not self.calibration:
+            raise SettingsError("no calibration text given; name at least one (e.g. wikitext2-valid)")
+        for name, low in (("tokens", 2), ("ctx", 2), ("steps", 1), ("batch_tokens", 1)):
+            _at_least(getattr(self, name), low, f"patch {name}")
+        _at_least(self.ridge, 0, "patch ridge")
+        if not 0 < self.lr < 1:
+            raise SettingsError(f"patch lr must be between 0 and 1, got {self.lr}")
+        _seed(self.seed)
+        if self.windows_per_text == 0:
+            raise SettingsError(f"a budget of {self.tokens} tokens gives none of the {len(self.calibration)} "
+                                f"calibration texts a window of {self.ctx} tokens; raise it to at least "
+                                f"{self.ctx * len(self.calibration)}")
+
+    @property
+    def windows_per_text(self) -> int:
+        """Windows of `ctx` tokens each calibration text gives (the budget split evenly)."""
+        return self.tokens // (self.ctx * len(self.calibration))
+
+    def check(self) -> None:
+        for source in self.calibration:
+            check_text_source(source, "calibration text")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Distillation on top of the LoRA loop's settings (`training`: steps, lr, rank, batch, seed, checkpoints)."""
+
+    training: HealSettings = field(default_factory=HealSettings)
+    temperature: float = 1.0
+    hidden_weight: float = 0.0  # weight of the hidden-state term at the kept boundaries (0: KL only)
+    teacher: str = "all"  # the teacher plan: it must be the full model (the same weights, every layer)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.temperature < math.inf:
+            raise SettingsError(f"the distillation temperature must be positive, got {self.temperature}")
+        _at_least(self.hidden_weight, 0, "the hidden-state weight")
+
+    def check(self, num_layers: int) -> None:
+        """The teacher plan is the full model: the student learns what the removed layers did."""
+        from .plan import Plan
+
+        if not Plan.parse(self.teacher, num_layers).is_identity:
+            raise SettingsError(f"the distillation teacher must be the full model (plan 'all'), got "
+                                f"{self.teacher!r}; the teacher runs the same weights with every layer")
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    """Which recovery (`RECOVERIES`), and the settings of each part."""
+
+    method: str = "auto"
+    patch: PatchSettings = field(default_factory=PatchSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    training: HealSettings = field(default_factory=HealSettings)  # lora and kd: the LoRA loop
+    data: tuple[str, ...] = CALIBRATION_MIX  # lora and kd training text, mixed evenly
+
+    def __post_init__(self) -> None:
+        _choose(self.method, tuple(RECOVERIES), "recovery")
+        if not self.data:
+            raise SettingsError("no training text given; name at least one (e.g. frankenstein)")
+
+    @property
+    def patches(self) -> bool:
+        return self.method in ("patch", "patch+kd", "auto")
+
+    @property
+    def trains(self) -> bool:
+        return self.method in ("lora", "kd", "patch+kd")
+
+    def check(self, num_layers: int | None = None, evaluation_text: str | None = None) -> None:
+        """Texts exist (and are not the evaluation text); the teacher is the full model."""
+        if self.patches:
+            self.patch.check()
+        if self.trains:
+            for source in self.data:
+                check_text_source(source, "training text")
+                if evaluation_text is not None:
+                    check_distinct_texts(source, evaluation_text, "the training text", "the evaluation text")
+        if "kd" in self.method and num_layers is not None:
+            self.distill.check(num_layers)
+
+    def check_plan(self, plan) -> None:
+        """A plan the method cannot express (`plan.Plan`): one line, before the model loads."""
+        if self.method in ("patch", "patch+kd"):
+            check_patch_plan(plan)
+        if "kd" in self.method and plan.is_identity:
+            raise SettingsError("the plan removes nothing, so the student is the teacher; distill a pruned plan")
+
+    def calibration_needs(self) -> list[tuple]:
+        """(option, source, tokens, window) each text must hold, for `check_windows` (tokenizer only)."""
+        needs = []
+        if self.patches:
+            share = self.patch.windows_per_text * self.patch.ctx
+            needs += [(f"calibration text ({self.patch.windows_per_text} windows of {self.patch.ctx})", source,
+                       share, self.patch.ctx) for source in self.patch.calibration]
+        if self.trains:
+            needs += [("training text", source, self.training.ctx) for source in self.data]
+        return needs
+
+
+def check_patch_plan(plan) -> None:
+    """A linear patch replaces runs of whole removed layers after a kept layer, in a model run in order."""
+    if not plan.whole_layers:
+        halves = ", ".join(str(s.layer) for s in plan.steps if not (s.attention and s.mlp))
+        raise SettingsError(f"a linear patch replaces whole removed layers, but the plan drops only a half of "
+                            f"layer(s) {halves}; patch a whole-layer plan, or heal this one with lora or kd")
+    if list(plan.layers) != sorted(set(plan.layers)):
+        raise SettingsError(f"a linear patch replaces removed layers of a model run in order, but plan "
+                            f"{plan.to_text()} repeats or reorders layers; heal it with lora or kd instead")
+    if plan.is_identity:
+        raise SettingsError("the plan removes no layer; there is nothing to patch")
+    if 0 not in plan.layers:
+        raise SettingsError("the plan removes layer 0, and a patch folds into the kept layer before a removed run; "
+                            "keep layer 0, or heal with lora or kd instead")
+
+
+@dataclass(frozen=True)
 class HealJob:
-    """`layerlab heal`: LoRA on a pruned model, evaluated on held-out text, written to `out`."""
+    """`layerlab heal`: recover a pruned model (`method`: LoRA by default), evaluated on held-out text, written
+    to `out`."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     plan: str = "all"
-    data: str = "frankenstein"
+    method: str = "lora"  # a name of RECOVERIES
+    data: str = "frankenstein"  # lora and kd training text
     training: HealSettings = field(default_factory=HealSettings)
+    patch: PatchSettings = field(default_factory=PatchSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     eval_text: str = "wikitext2-test"
     eval_windows: int = 4
     out: str = "layerlab-healed"
@@ -631,16 +783,29 @@ class HealJob:
         _at_least(self.eval_windows, 0, "eval_windows")
         if self.resume and self.force:
             raise SettingsError("--resume continues from checkpoints and --force starts over; give one")
+        self.recovery()  # an unknown method is refused here
+
+    def recovery(self) -> RecoverSettings:
+        """The recovery this job runs."""
+        return RecoverSettings(self.method, self.patch, self.distill, self.training, (self.data,))
 
     def check(self, info: ModelInfo | None = None) -> None:
         from .heal import checkpoint_folder
+        from .plan import Plan
 
         check_plan_source(self.plan)
-        check_text_source(self.data, "--data")
+        recovery = self.recovery()
+        recovery.check(info.num_layers if info is not None else None, self.eval_text if self.eval_windows else None)
+        if info is not None:
+            recovery.check_plan(Plan.load(self.plan, info.num_layers))
         if self.eval_windows:
             check_text_source(self.eval_text, "--eval-text")
-            check_distinct_texts(self.data, self.eval_text, "--data", "the evaluation text (--eval-text)")
-        inputs = _inputs(info, [*plan_inputs((self.plan,)), *_file_inputs(self.data, self.eval_text)])
+            if recovery.patches:
+                for source in self.patch.calibration:
+                    check_distinct_texts(source, self.eval_text, "the calibration text",
+                                         "the evaluation text (--eval-text)")
+        inputs = _inputs(info, [*plan_inputs((self.plan,)), *_file_inputs(self.data, self.eval_text,
+                                                                          *self.patch.calibration)])
         check_output(self.out, folder=True, force=self.force, inputs=inputs)
         if not self.resume:
             check_output(checkpoint_folder(self.out), folder=True, force=self.force, inputs=inputs)
@@ -729,9 +894,7 @@ class PruneSettings:
     calib_windows: int = 4
     keep: float = 0.5  # greedy: share of candidates kept each round (llama.cpp-style pruning)
     evaluation: EvalSettings = QUICK_EVAL
-    heal: bool = False
-    heal_text: str = "frankenstein"
-    heal_settings: HealSettings = field(default_factory=HealSettings)
+    recovery: RecoverSettings = field(default_factory=RecoverSettings)  # `auto`: patch when it lowers calib. loss
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -746,6 +909,15 @@ class PruneSettings:
         _at_least(self.calib_windows, 1, "calibration windows")
         if not 0 < self.keep <= 1:
             raise SettingsError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.recovery.method in ("patch", "patch+kd") and self.granularity != "layer":
+            raise SettingsError(f"--heal {self.recovery.method} patches whole removed layers, but --granularity "
+                                f"{self.granularity} may remove halves; use --granularity layer, or --heal auto, "
+                                "lora or kd")
+
+    @property
+    def heal(self) -> str:
+        """The recovery method (`--heal`)."""
+        return self.recovery.method
 
     def removals(self, num_layers: int) -> int | None:
         """The number of units to remove (None for a speed-up target), checked against the model."""
@@ -763,10 +935,10 @@ class PruneSettings:
             self.removals(num_layers)
         check_text_source(self.calibration, "--calibration")
         self.evaluation.check()
-        if self.heal:
-            check_text_source(self.heal_text, "healing text")
-            check_distinct_texts(self.heal_text, self.evaluation.ppl_text, "the healing text",
-                                 "the evaluation text")
+        self.recovery.check(num_layers, self.evaluation.ppl_text)
+        if self.recovery.patches:
+            for source in self.recovery.patch.calibration:
+                check_distinct_texts(source, self.evaluation.ppl_text, "the calibration text", "the evaluation text")
 
 
 @dataclass(frozen=True)
@@ -785,5 +957,7 @@ class PruneJob:
 
     def inputs(self, info: ModelInfo | None) -> list[str | Path]:
         evaluation = self.settings.evaluation
-        return _inputs(info, [*_file_inputs(self.settings.calibration, evaluation.ppl_text, self.settings.heal_text),
+        recovery = self.settings.recovery
+        return _inputs(info, [*_file_inputs(self.settings.calibration, evaluation.ppl_text, *recovery.data,
+                                            *recovery.patch.calibration),
                               *([evaluation.task_data] if evaluation.task_data else [])])
