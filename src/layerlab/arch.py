@@ -28,6 +28,9 @@ class Arch:
     embeds_are_stream: bool = True  # `inputs_embeds` enter the first layer unchanged (no position embeddings)
     # linear layers inside a decoder layer that LoRA healing adapts by default: all of attention and MLP
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # key / value projections of the attention, which a step reading another layer's KV does not need to run
+    # (empty when they are fused with the query projection: then they run and their output is discarded)
+    kv_projections: tuple[str, ...] = ("k_proj", "v_proj")
 
 
 _LLAMA_LIKE = Arch(
@@ -43,7 +46,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused
+    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused
+                    kv_projections=()),
     "gemma3_text": Arch(
         layers="model.layers",
         attention="self_attn",
@@ -60,6 +64,7 @@ ARCHITECTURES: dict[str, Arch] = {
         final_norm="transformer.ln_f",
         embeds_are_stream=False,  # learned position embeddings are added to inputs_embeds
         lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers; c_proj is in both attention and MLP
+        kv_projections=(),  # c_attn projects queries, keys and values at once
     ),
 }
 

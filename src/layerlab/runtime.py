@@ -11,6 +11,8 @@ How it works (see `apply_plan`):
 - A skipped half (attention or MLP) is replaced, together with the norms that belong only to it,
   by a module that adds nothing, so the residual stream passes through unchanged. Cache slots of
   steps without attention become `DummyLayer`s, which transformers' cache and mask code skip.
+- KV sharing (`kv:` clause): consumer steps attend over their source step's keys and values through
+  a per-forward side channel and their cache slots are `DummyLayer`s too (see `kv.py`).
 Restoring puts the original list and config values back.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import types
 from collections import OrderedDict
 from typing import Any
@@ -28,6 +31,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
 from .arch import Arch, arch_of, decoder_layers, get_path, per_layer_values, set_path
 from .errors import PlanError
+from .kv import KVChannel, check_kv, consumer_steps, wire
 from .plan import Plan, Step
 
 _APPLIED = "_layerlab_applied_plan"
@@ -75,6 +79,7 @@ class AppliedPlan:
             setattr(self._config, name, value)
         if self._hook is not None:
             self._hook.remove()
+        self.kv_channel.entries.clear()
         delattr(self.model, _APPLIED)
 
     def reapply(self) -> AppliedPlan:
@@ -95,13 +100,17 @@ class AppliedPlan:
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
         if not any(step.attention for step in plan.steps):
             raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
+        check_kv(self.model, plan)
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
+        self.kv_channel = KVChannel()
+        if plan.kv:
+            wire(self._steps, self._arch, plan.kv_source_steps, self.kv_channel)
         self._install()
 
     def _install(self) -> None:
         self._patch_config(self.plan)
         set_path(self.model, self._arch.layers, self._steps)
-        skipped = [i for i, s in enumerate(self.plan.steps) if not s.attention]
+        skipped = sorted({i for i, s in enumerate(self.plan.steps) if not s.attention} | set(consumer_steps(self.plan)))
         if skipped:
             self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(self.plan.steps))
         setattr(self.model, _APPLIED, self)
@@ -203,10 +212,11 @@ def _prepare_cache(
     module: nn.Module, args: tuple, kwargs: dict, *, config: Any, skipped: list[int], size: int
 ) -> tuple[tuple, dict]:
     """Give steps without attention an empty cache slot that cache and mask code skip."""
-    cache = kwargs.get("past_key_values")
+    name = cache_argument(module, kwargs)
+    cache = kwargs.get(name)
     use_cache = kwargs.get("use_cache")
     if cache is None and (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
-        cache = kwargs["past_key_values"] = DynamicCache(config=config)
+        cache = kwargs[name] = DynamicCache(config=config)
     cache = getattr(cache, "self_attention_cache", cache)
     if isinstance(cache, Cache):
         if cache.layer_class_to_replicate is not None:
@@ -216,3 +226,11 @@ def _prepare_cache(
             if not isinstance(cache.layers[i], DummyLayer):
                 cache.layers[i] = DummyLayer()
     return args, kwargs
+
+
+def cache_argument(module: nn.Module, kwargs: dict) -> str:
+    """The cache keyword of a forward call: `cache` since transformers 5.24, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        if name in kwargs:
+            return name
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
