@@ -103,9 +103,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def manual_kv_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
+def manual_kv_logits(model, ids: torch.Tensor, plan: Plan, stored=None) -> torch.Tensor:
     """The plan's logits with KV sharing, attention written out by hand (Llama-like and Gemma 3 layouts):
-    a consumer step projects only its queries and attends over its source step's rotated keys and values."""
+    a consumer step projects only its queries and attends over its source step's rotated keys and values.
+    `stored(tensor)`, when given, is what a cache gives back for keys and values it stored (quantization)."""
     base, config = model.model, model.config
     gemma = config.model_type == "gemma3_text"
     batch, length = ids.shape
@@ -127,7 +128,7 @@ def manual_kv_logits(model, ids: torch.Tensor, plan: Plan) -> torch.Tensor:
             if sources[i] is None:
                 k, v = heads(att.k_proj(x)), heads(att.v_proj(x))
                 k = _rotate(att.k_norm(k) if hasattr(att, "k_norm") else k, cos, sin)
-                shared[i] = (k, v)
+                shared[i] = (k, v) if stored is None else (stored(k), stored(v))
             k, v = shared[i if sources[i] is None else sources[i]]
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
