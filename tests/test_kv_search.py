@@ -1,0 +1,75 @@
+"""The KV-sharing search on a tiny model: budget, tolerance, orders, prefix reuse against full passes, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from layerlab import LayerlabError, Plan, apply_plan
+from layerlab.evaluate.perplexity import calibration_windows, scored_tokens, window_nll
+from layerlab.kv_search import KVSearchSettings, accepted_pairs, merged, search_kv
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be. ") * 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    return AutoModelForCausalLM.from_pretrained(tiny_folder).eval(), AutoTokenizer.from_pretrained(tiny_folder)
+
+
+@torch.inference_mode()
+def calibration_perplexity(model, tokenizer, plan, settings):
+    windows = calibration_windows(tokenizer, TEXT, settings.ctx, settings.windows)
+    with apply_plan(model, plan):
+        loss = sum(window_nll(model, [w])[0] for w in windows)
+    return math.exp(loss / scored_tokens(windows))
+
+
+def test_merged_maps_have_no_chains():
+    assert merged(((3, 1),), 4, 3) == ((3, 1), (4, 1))  # the source reads layer 1: read layer 1
+    assert merged(((4, 3),), 3, 1) == ((3, 1), (4, 1))  # layer 4 read the new consumer: it moves along
+
+
+@pytest.mark.parametrize("order", ["dissimilar", "similar"])
+def test_search_accepts_pairs_within_the_tolerance_and_budget(tiny, order):
+    model, tokenizer = tiny
+    settings = KVSearchSettings(budget=0.5, tolerance=0.02, order=order, ctx=32, windows=2)
+    state = search_kv(model, tokenizer, TEXT, settings, progress=False)
+    plan = Plan.from_dict(state.plan, 6)
+    start = calibration_perplexity(model, tokenizer, Plan.identity(6), settings)
+    assert len(plan.kv) <= 3  # half of 6 layers
+    assert state.trace[0]["start_perplexity"] == pytest.approx(start, rel=1e-6)
+    for entry in state.trace[1:]:  # every evaluated pair: the prefix-reusing loss equals a full pass
+        if "kv" in entry and entry["perplexity"] is not None:
+            full = calibration_perplexity(model, tokenizer, Plan.parse(entry["kv"], 6), settings)
+            assert entry["perplexity"] == pytest.approx(full, rel=1e-5)
+            assert entry["accepted"] == (full <= start * 1.02 + 1e-9)
+    assert calibration_perplexity(model, tokenizer, plan, settings) <= start * 1.02 + 1e-9
+    distances = state.trace[0]["distances"]
+    ranked = [distances[key] for key in state.ranking]
+    assert ranked == sorted(ranked, reverse=order == "dissimilar") and len(ranked) == 15  # 6 * 5 / 2 pairs
+
+
+def test_a_loose_tolerance_fills_the_budget_and_a_resumed_search_ends_the_same(tiny, tmp_path):
+    model, tokenizer = tiny
+    settings = KVSearchSettings(budget=0.5, tolerance=10.0, ctx=32, windows=2)
+    whole = search_kv(model, tokenizer, TEXT, settings, progress=False)
+    assert len(Plan.from_dict(whole.plan, 6).kv) == 3 and len(accepted_pairs(whole)) >= 2
+    path = tmp_path / "kv.json"
+    search_kv(model, tokenizer, TEXT, settings, state_path=path, max_tries=1, progress=False)
+    assert len(json.loads(path.read_text())["trace"]) == 2
+    resumed = search_kv(model, tokenizer, TEXT, settings, state_path=path, resume=True, progress=False)
+    assert resumed.plan == whole.plan and resumed.ranking == whole.ranking
+    with pytest.raises(LayerlabError, match="other settings"):
+        search_kv(model, tokenizer, TEXT, KVSearchSettings(budget=0.3, ctx=32, windows=2), state_path=path,
+                  resume=True, progress=False)
+
+
+def test_bad_settings_are_refused_before_work():
+    for kwargs, message in [({"budget": 1.0}, "between 0 and 1"), ({"order": "random"}, "unknown pair order"),
+                            ({"tolerance": -0.1}, "at least 0")]:
+        with pytest.raises(LayerlabError, match=message):
+            KVSearchSettings(**kwargs)
