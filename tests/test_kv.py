@@ -162,3 +162,52 @@ def test_gemma3_sliding_and_global_layers_cannot_share():
     model = tiny_model("gemma3")
     with pytest.raises(PlanError, match="layer 2 is full_attention but layer 1 is sliding_attention"):
         apply_plan(model, Plan.parse("kv:2<-1", 6))
+
+
+# ------------------------------------------------------------------------------------------ export
+@torch.no_grad()
+@pytest.mark.parametrize("arch, text", [("llama", "0-5,2-3; attn-skip:4; kv:3<-2,5<-1"), ("gemma3", "kv:5<-2,4<-3")])
+def test_a_kv_export_shares_when_loaded_by_layerlab_or_its_remote_code(arch, text, tmp_path, smollm2_tokenizer):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import layerlab
+    from layerlab.export.hf import export_hf
+
+    model, plan, x = tiny_model(arch), Plan.parse(text, 6), ids()
+    model.generation_config.eos_token_id = None
+    export_hf(model, smollm2_tokenizer, plan, tmp_path / "out", remote_code=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["kv_sources"] == {str(j): s for j, s in enumerate(plan.kv_source_steps) if s is not None}
+    with apply_plan(model, plan):
+        expected = model(x).logits
+        tokens = model.generate(x[:1], max_new_tokens=8, do_sample=False)
+    loaded, _ = layerlab.load(str(tmp_path / "out"))
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for shared in (loaded, remote):
+        shared.generation_config.eos_token_id = None
+        assert (shared(x).logits - expected).abs().max() <= 1e-4
+        assert torch.equal(shared.generate(x[:1], max_new_tokens=8, do_sample=False), tokens)
+        cache = DynamicCache(config=shared.config)
+        shared(x, cache=cache, use_cache=True)
+        assert sum(isinstance(layer, DummyLayer) for layer in cache.layers) >= len(plan.kv)
+    assert (plain(x).logits - expected).abs().max() > 1e-3  # plain transformers ignores kv_sources
+    # plans apply on top of a layerlab-loaded KV export: its own map joins theirs, and comes back after
+    with apply_plan(loaded, Plan.identity(len(plan.steps))) as applied:
+        assert applied.plan.kv and (loaded(x).logits - expected).abs().max() <= 1e-4
+    assert (loaded(x).logits - expected).abs().max() <= 1e-4
+    with pytest.raises(PlanError, match="remote code"):
+        apply_plan(remote, Plan.identity(len(plan.steps)))
+
+
+def test_a_gguf_export_of_a_kv_plan_is_refused_before_any_work(tmp_path):
+    from layerlab.export import export
+    from layerlab.export.gguf import prune_gguf
+
+    with pytest.raises(PlanError, match="llama.cpp has no way to make a layer read another layer's keys"):
+        prune_gguf(tmp_path / "missing.gguf", Plan.parse("kv:3<-2", 6), tmp_path / "out.gguf")
+    with pytest.raises(PlanError, match="cannot carry KV sharing"):
+        export("smollm2-135m", "kv:19<-18", tmp_path / "out.gguf", fmt="gguf")
+    assert not list(tmp_path.iterdir())

@@ -185,6 +185,12 @@ def load(
         from .runtime import drop_sublayers  # an export with LLM-Drop lists: its dropped weights are absent
 
         drop_sublayers(model, list(drop_attn or []), list(drop_mlp or []))
+    kv_sources = getattr(text, "kv_sources", None)
+    if kv_sources and not type(model).__name__.startswith("LayerlabDrop"):
+        from .plan import parse_kv_sources
+        from .runtime import share_kv  # an export of a KV-sharing plan: consumers read their sources' KV
+
+        share_kv(model, parse_kv_sources(kv_sources))
     return model.eval(), tokenizer
 
 

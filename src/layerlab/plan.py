@@ -102,7 +102,7 @@ class Plan:
             raise PlanError("a plan file must hold a mapping (JSON object or YAML mapping)")
         if "kv_sources" in data:
             rest = {key: value for key, value in data.items() if key != "kv_sources"}
-            return cls.from_dict(rest, num_layers).with_kv(_kv_from_mapping(data["kv_sources"]))
+            return cls.from_dict(rest, num_layers).with_kv(parse_kv_sources(data["kv_sources"]))
         if "steps" in data:
             return _from_json(data, num_layers)
         if "drop_attn_list" in data or "drop_mlp_list" in data:
@@ -447,8 +447,8 @@ def _parse_kv(body: str, num_layers: int, text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _kv_from_mapping(data: Any) -> list[tuple[int, int]]:
-    """`kv_sources` of a JSON / YAML plan: {consumer: source} (keys may be strings) or [[consumer, source], ...]."""
+def parse_kv_sources(data: Any) -> list[tuple[int, int]]:
+    """`kv_sources` of a plan file or an exported config: {consumer: source} (keys may be strings) or pairs."""
     items = data.items() if isinstance(data, dict) else data
     pairs = []
     try:

@@ -35,6 +35,7 @@ from .kv import KVChannel, check_kv, consumer_steps, wire
 from .plan import Plan, Step
 
 _APPLIED = "_layerlab_applied_plan"
+_BASE_KV = "_layerlab_shared_kv"  # the always-applied plan of a model exported with KV sharing
 
 
 class SkippedAttention(nn.Module):
@@ -56,13 +57,18 @@ class AppliedPlan:
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         self.model = model
-        self.plan = plan
+        self._base = _step_aside(model)  # a model that always shares KV: its own map joins this plan's
+        self.plan = plan if self._base is None else with_base_kv(plan, self._base.plan.kv)
         self._arch = arch_of(model)
         self._original_layers = decoder_layers(model)
         self._config = model.config.get_text_config(decoder=True)
         self._saved_config: dict[str, Any] = {}
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._apply()
+        try:
+            self._apply()
+        except BaseException:
+            self._bring_back_base()
+            raise
 
     def __enter__(self) -> AppliedPlan:
         return self
@@ -81,10 +87,17 @@ class AppliedPlan:
             self._hook.remove()
         self.kv_channel.entries.clear()
         delattr(self.model, _APPLIED)
+        self._bring_back_base()
+
+    def _bring_back_base(self) -> None:
+        if self._base is not None:
+            self._base.reapply()
 
     def reapply(self) -> AppliedPlan:
         """Install the same step modules again after `restore()`: toggling a plan rebuilds nothing."""
         if getattr(self.model, _APPLIED, None) is not self:
+            if self._base is not None and getattr(self.model, _APPLIED, None) is self._base:
+                self._base.restore()
             self._check_free()
             self._install()
         return self
@@ -92,6 +105,9 @@ class AppliedPlan:
     def _check_free(self) -> None:
         if getattr(self.model, _APPLIED, None) is not None:
             raise PlanError("a plan is already applied to this model; restore it before applying another")
+        if getattr(self.model, "_layerlab_remote_kv", False):
+            raise PlanError("this model shares keys and values through its remote code, which layer plans cannot "
+                            "rewire; load it with layerlab.load(DIR) without trust_remote_code")
 
     def _apply(self) -> None:
         plan, layers = self.plan, self._original_layers
@@ -144,6 +160,40 @@ def source_slot_cache(cache: Cache, plan: Plan) -> Cache:
     view.layers = [cache.layers[layer] for layer in plan.layers]
     view.layer_class_to_replicate = None
     return view
+
+
+def share_kv(model: nn.Module, pairs: list[tuple[int, int]]) -> AppliedPlan:
+    """Make a model always share keys and values between these (consumer, source) layers.
+
+    For an exported KV plan (`kv_sources` in its config): the identity plan with this map is applied
+    and stays applied. A later plan runs with the map joined to its own (pairs whose consumer the plan
+    does not run are left out), and restoring that plan brings the shared model back.
+    """
+    applied = apply_plan(model, Plan.identity(len(decoder_layers(model))).with_kv(pairs))
+    setattr(model, _BASE_KV, applied)
+    return applied
+
+
+def with_base_kv(plan: Plan, base: tuple[tuple[int, int], ...]) -> Plan:
+    """`plan` with a model's own KV map joined to its own (the model's pairs for layers it runs)."""
+    own = dict(plan.kv)
+    run = set(plan.layers)
+    for consumer, source in base:
+        if own.get(consumer, source) != source:
+            raise PlanError(f"layer {consumer} already reads layer {source}'s keys and values in this model "
+                            f"(its kv_sources); drop {consumer}<-{own[consumer]} from the plan")
+        if consumer in run:
+            own[consumer] = source
+    return plan.with_kv(own.items())
+
+
+def _step_aside(model: nn.Module) -> AppliedPlan | None:
+    """Restore a model's always-on KV plan while another plan runs; it comes back when that one is restored."""
+    base = getattr(model, _BASE_KV, None)
+    if base is None or getattr(model, _APPLIED, None) is not base:
+        return None
+    base.restore()
+    return base
 
 
 def current_plan(model: nn.Module) -> Plan | None:
