@@ -53,6 +53,20 @@ def test_search_accepts_pairs_within_the_tolerance_and_budget(tiny, order):
     assert ranked == sorted(ranked, reverse=order == "dissimilar") and len(ranked) == 15  # 6 * 5 / 2 pairs
 
 
+def test_the_loss_order_scores_each_pair_alone_and_tries_the_best_first(tiny):
+    model, tokenizer = tiny
+    settings = KVSearchSettings(budget=0.5, tolerance=0.02, order="loss", ctx=32, windows=2)
+    state = search_kv(model, tokenizer, TEXT, settings, progress=False)
+    alone = state.trace[0]["alone_perplexity"]
+    start = state.trace[0]["start_perplexity"]
+    assert len(alone) == 15
+    for key, value in alone.items():  # scored alone, from the recorded prefix: equal to a full pass
+        full = calibration_perplexity(model, tokenizer, Plan.parse(f"kv:{key}", 6), settings)
+        assert value == pytest.approx(full, rel=1e-5) if value is not None else full > start * 1.02
+    assert state.ranking == sorted((k for k in alone if alone[k] is not None), key=alone.get)
+    assert [e["pair"] for e in state.trace[1:]] == state.ranking[:len(state.trace) - 1]
+
+
 def test_a_loose_tolerance_fills_the_budget_and_a_resumed_search_ends_the_same(tiny, tmp_path):
     model, tokenizer = tiny
     settings = KVSearchSettings(budget=0.5, tolerance=10.0, ctx=32, windows=2)

@@ -6,7 +6,10 @@
    the Euclidean distance between their average caches (per head and position over the head
    dimension, averaged; keys and values averaged), as in KVSharer (Yang et al. 2024).
 2. Pairs are tried in `order`: `dissimilar` first is KVSharer's counter-intuitive finding (sharing
-   dissimilar caches hurt least on their models); `similar` first is the intuitive order. Each pair
+   dissimilar caches hurt least on their models); `similar` first is the intuitive order; `loss`
+   measures instead of guessing: every pair is scored alone on top of the start plan (calibration
+   loss, stopped at the tolerance, from the same recording) and pairs are tried best first (a pair
+   that alone breaks the tolerance is not tried again). Each pair
    is accepted when the calibration perplexity of the plan with it stays within `tolerance` of the
    start plan's; a pair whose source already reads another layer's cache takes that layer as source,
    and layers reading the new consumer move to its source (KVSharer's re-map), so there are no chains.
@@ -39,7 +42,7 @@ from .plan import Plan
 from .runtime import apply_plan
 from .search import SearchState
 
-ORDERS = ("dissimilar", "similar")
+ORDERS = ("dissimilar", "similar", "loss")
 
 
 @dataclass(frozen=True)
@@ -184,11 +187,11 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
     tokens = scored_tokens(windows)
     start_loss = evaluator.record(start)
     limit = start_loss + tokens * math.log1p(settings.tolerance)  # perplexity ratio <= 1 + tolerance
-    if not state.ranking:
-        pairs = sorted(evaluator.distances(start), reverse=settings.order == "dissimilar")
-        state.ranking = [f"{c}<-{s}" for _, c, s in pairs]
+    if not state.trace:
         state.trace = [{"start_perplexity": math.exp(start_loss / tokens),
-                        "distances": {f"{c}<-{s}": d for d, c, s in pairs}}]
+                        "distances": {f"{c}<-{s}": d for d, c, s in evaluator.distances(start)}}]
+    if not state.ranking:
+        state.ranking = _ranking(evaluator, start, state, settings.order, limit, tokens, state_path, progress)
     plan = Plan.from_dict(state.plan, n_layers)
     if plan.kv:
         evaluator.record(plan)
@@ -221,6 +224,25 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
         bar.update(1)
     bar.close()
     return state
+
+
+def _ranking(evaluator: KVRecorder, start: Plan, state: SearchState, order: str, limit: float, tokens: int,
+             state_path: str | Path | None, progress: bool) -> list[str]:
+    """Pair keys in the order to try them (for `loss`, scoring each pair alone; resumable pair by pair)."""
+    distances = state.trace[0]["distances"]
+    if order != "loss":
+        return sorted(distances, key=lambda key: distances[key], reverse=order == "dissimilar")
+    alone = state.trace[0].setdefault("alone_perplexity", {})
+    for key in tqdm([k for k in distances if k not in alone], desc="kv pairs alone", unit="pair", disable=not progress):
+        consumer, source = (int(x) for x in key.split("<-"))
+        candidate = start.with_kv(((consumer, source),))
+        first = next(i for i, s in enumerate(candidate.kv_source_steps) if s is not None)
+        loss = evaluator.loss(candidate, first, limit)
+        alone[key] = math.exp(loss / tokens) if loss < math.inf else None
+        state.layer_forwards = evaluator.layer_forwards
+        if state_path:
+            state.save(state_path)
+    return sorted((key for key in alone if alone[key] is not None), key=lambda key: alone[key])
 
 
 def accepted_pairs(state: SearchState) -> list[dict]:

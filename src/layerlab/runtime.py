@@ -154,6 +154,8 @@ def source_slot_cache(cache: Cache, plan: Plan) -> Cache:
     """
     if len(set(plan.layers)) < len(plan.steps):
         raise PlanError(f"plan {plan} repeats a layer; sharing the full model's cache needs each layer at most once")
+    if plan.kv:
+        raise PlanError("a draft plan cannot share KV (kv:): its consumers would leave the full model's slots behind")
     if len(cache.layers) != plan.num_layers:
         raise PlanError(f"the cache has {len(cache.layers)} layer slots, but the plan is for {plan.num_layers} layers")
     view = copy.copy(cache)
