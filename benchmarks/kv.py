@@ -39,10 +39,11 @@ from layerlab.evaluate.perplexity import bos_id, encode_text, make_windows, wind
 from layerlab.evaluate.speed import PeakMemory, interleaved, prefill_decode_seconds
 from layerlab.io import atomic_write_text
 from layerlab.kv import cache_bytes
-from layerlab.kv_search import KVSearchSettings, accepted_pairs, consumers_allowed, search_kv
+from layerlab.kv_search import KVSearchSettings, accepted_pairs, consumers_allowed, one_shot_kv, search_kv
 from layerlab.kvcache import CacheSettings, kv_cache
 from layerlab.plan import Plan
 from layerlab.runtime import apply_plan
+from layerlab.search import SearchState
 
 
 def options() -> argparse.Namespace:
@@ -73,26 +74,37 @@ def options() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ maps
-def search(model, tokenizer, args, order: str) -> dict:
-    settings = KVSearchSettings(budget=max(args.budgets) if max(args.budgets) > 0 else 0.5,
-                                tolerance=args.tolerance, order=order, ctx=args.calib_ctx,
-                                windows=args.calib_windows)
-    start = time.perf_counter()
-    state = search_kv(model, tokenizer, read_text(args.calibration), settings,
-                      state_path=f"{args.out}.search-{order}.json", resume=True)
+def search(model, tokenizer, args, order: str, run: bool) -> dict | None:
+    """The search of one order (run or resumed when `run`, else read from its state file) as a summary."""
+    path = Path(f"{args.out}.search-{order}.json")
+    if run:
+        settings = KVSearchSettings(budget=max(args.budgets) if max(args.budgets) > 0 else 0.5,
+                                    tolerance=args.tolerance, order=order, ctx=args.calib_ctx,
+                                    windows=args.calib_windows)
+        start = time.perf_counter()
+        search_kv(model, tokenizer, read_text(args.calibration), settings, state_path=path, resume=True)
+        print(f"search {order}: {time.perf_counter() - start:.0f} s this run", flush=True)
+    if not path.exists():
+        return None
+    state = SearchState.load(path)
     accepted = accepted_pairs(state)
-    print(f"search {order}: {time.perf_counter() - start:.0f} s this run, {len(state.trace) - 1} pairs tried, "
-          f"{len(accepted)} accepted, {state.layer_forwards} layer forwards", flush=True)
+    done = len(state.ranking) == len(state.trace) - 1 or len(accepted) >= consumers_allowed(
+        Plan.identity(state.plan["num_layers"]), state.settings["budget"])
     return {"start_perplexity": state.trace[0]["start_perplexity"], "tried": len(state.trace) - 1,
-            "layer_forwards": state.layer_forwards,
+            "pairs": len(state.ranking), "finished": done, "layer_forwards": state.layer_forwards,
             "accepted": [{"pair": e["pair"], "kv": e["kv"], "perplexity": e["perplexity"]} for e in accepted]}
 
 
-def plan_for(searched: dict, budget: float, n_layers: int) -> Plan:
-    """The map after as many accepted pairs as the budget allows (fewer if the search stopped short)."""
+def plan_for(args, order: str, budget: float, n_layers: int) -> tuple[Plan, str]:
+    """The map after as many accepted pairs as the budget allows; where the search stopped short of the
+    budget (its tolerance), a `loss` search's one-shot map of that size instead. With how it was made."""
+    state = SearchState.load(f"{args.out}.search-{order}.json")
     wanted = consumers_allowed(Plan.identity(n_layers), budget)
-    accepted = [e for e in searched["accepted"] if len(Plan.parse(e["kv"], n_layers).kv) <= wanted]
-    return Plan.parse(accepted[-1]["kv"], n_layers) if wanted and accepted else Plan.identity(n_layers)
+    accepted = [e for e in accepted_pairs(state) if len(Plan.parse(e["kv"], n_layers).kv) <= wanted]
+    plan = Plan.parse(accepted[-1]["kv"], n_layers) if wanted and accepted else Plan.identity(n_layers)
+    if len(plan.kv) < wanted and "alone_perplexity" in state.trace[0]:
+        return one_shot_kv(state, wanted), "one-shot"
+    return plan, "search" if wanted else "-"
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -183,7 +195,7 @@ def table(results: dict, args, n_layers: int) -> str:
              f"{args.ppl_text}, first {args.windows_2k} windows of 2048 / {args.windows_4k} of 4096 tokens "
              f"(Δ: paired per window, ± one standard error); HellaSwag: first {args.mc_rows} rows "
              f"(acc_norm ±95%; Δ paired)", ""]
-    head = ["budget", "cache", "consumers", "KV B/token", "KV vs full", "vs 16-bit", "ppl 2k", "ppl 4k",
+    head = ["budget", "map", "cache", "consumers", "KV B/token", "KV vs full", "vs 16-bit", "ppl 2k", "ppl 4k",
             "acc_norm", "decode x (4k)"]
     body = []
     for name, row in rows.items():
@@ -192,19 +204,23 @@ def table(results: dict, args, n_layers: int) -> str:
         speed_row = results.get("speed", {}).get(name)
         decode = (f"{speed_row['ratio_median']:.2f} [{speed_row['ratio_min']:.2f}-{speed_row['ratio_max']:.2f}]"
                   if speed_row else "-")
-        body.append([f"{float(budget):.0%}", cache, str(len(plan.kv)), f"{row['kv_bytes_per_token']:.0f}",
+        body.append([f"{float(budget):.0%}", row.get("map", "-"), cache, str(len(plan.kv)),
+                     f"{row['kv_bytes_per_token']:.0f}",
                      f"{row['kv_bytes_per_token'] / full_bytes - 1:+.1%}",
                      f"{row['kv_bytes_per_token'] / (full_bytes / 2) - 1:+.1%}",
                      ppl_cell(row, base, "nll_2k"), ppl_cell(row, base, "nll_4k"), acc_cell(row, base), decode])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *body]]
     lines += ["", "KV vs full: against the model's own cache (float32 here); vs 16-bit: against a bf16/fp16 cache "
-              "of the same shape (half the float32 bytes, computed)."]
+              "of the same shape (half the float32 bytes, computed). map: search = the search's accepted pairs; "
+              "one-shot = the search stopped short of the budget (tolerance), so the pairs with the best "
+              "calibration loss alone are taken without re-checking (what more sharing costs)."]
     lines += ["", "maps:"] + [f"  {name}: {row['plan']}" for name, row in rows.items() if row["plan"] != "all"]
     for order, searched in results.get("search", {}).items():
         trail = ", ".join(f"{len(Plan.parse(e['kv'], n_layers).kv)}: {e['perplexity']:.2f}"
                           for e in searched["accepted"])
-        lines.append(f"search {order}: start {searched['start_perplexity']:.2f}, {searched['tried']} pairs tried, "
+        lines.append(f"search {order}: start {searched['start_perplexity']:.2f}, {searched['tried']} of "
+                     f"{searched['pairs']} pairs tried{'' if searched['finished'] else ' (stopped early)'}, "
                      f"{searched['layer_forwards']} layer forwards; consumers: calibration ppl after each "
                      f"accepted pair: {trail or 'none accepted'}")
     for name, row in results.get("other_orders", {}).items():
@@ -252,12 +268,13 @@ def main() -> None:
         atomic_write_text(out, json.dumps(results, indent=1), force=True)
 
     stages = args.stages.split(",")
-    if "search" in stages:
-        results["search"] = {order: search(model, tokenizer, args, order) for order in args.orders.split(",")}
-        save()
-    if "search" not in results:
-        raise SystemExit("no search results yet: run with --stages search first (or --resume an --out that has them)")
-    maps = {b: plan_for(results["search"][args.order], b, n_layers) for b in args.budgets}
+    searched = {order: search(model, tokenizer, args, order, "search" in stages) for order in args.orders.split(",")}
+    results["search"] = {order: summary for order, summary in searched.items() if summary is not None}
+    save()
+    if args.order not in results["search"]:
+        raise SystemExit(f"no {args.order} search yet: run with --stages search first")
+    made = {b: plan_for(args, args.order, b, n_layers) for b in args.budgets}
+    maps = {b: plan for b, (plan, _) in made.items()}
     texts = {"ppl": read_text(args.ppl_text)}
     items = read_choices("hellaswag-2k", limit=args.mc_rows)
     if "quality" in stages:
@@ -268,14 +285,14 @@ def main() -> None:
                 if results["quality"].get(name, {}).get("plan") == maps[budget].to_text():
                     continue
                 start = time.perf_counter()
-                results["quality"][name] = {"plan": maps[budget].to_text()} | quality(
+                results["quality"][name] = {"plan": maps[budget].to_text(), "map": made[budget][1]} | quality(
                     model, tokenizer, maps[budget], cache, args, texts, items)
                 save()
                 print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
         results.setdefault("other_orders", {})
-        for order in (o for o in args.orders.split(",") if o != args.order):
+        for order in (o for o in results["search"] if o != args.order):
             for budget in (b for b in args.budgets if b > 0):
-                plan = plan_for(results["search"][order], budget, n_layers)
+                plan = plan_for(args, order, budget, n_layers)[0]
                 name = f"{order} {budget:.0%}"
                 if results["other_orders"].get(name, {}).get("plan") != plan.to_text():
                     results["other_orders"][name] = {"plan": plan.to_text()} | quality(

@@ -245,6 +245,24 @@ def _ranking(evaluator: KVRecorder, start: Plan, state: SearchState, order: str,
     return sorted((key for key in alone if alone[key] is not None), key=lambda key: alone[key])
 
 
+def one_shot_kv(state: SearchState, consumers: int) -> Plan:
+    """A map of `consumers` pairs taken best first by their loss alone (a `loss` search's scores), no re-check.
+
+    For budgets the tolerance-bound search does not reach: it shows what more sharing costs. Pairs whose
+    consumer already reads another layer are passed over; sources are re-mapped as in the search.
+    """
+    alone = state.trace[0].get("alone_perplexity")
+    if alone is None:
+        raise LayerlabError("a one-shot KV map needs the per-pair scores of a search with order 'loss'")
+    start = Plan.from_dict(state.plan, state.plan["num_layers"]).without_kv()
+    kv: tuple[tuple[int, int], ...] = ()
+    for key in sorted((k for k in alone if alone[k] is not None), key=alone.get):
+        consumer, source = (int(x) for x in key.split("<-"))
+        if len(kv) < consumers and consumer not in dict(kv):
+            kv = merged(kv, consumer, source)
+    return start.with_kv(kv)
+
+
 def accepted_pairs(state: SearchState) -> list[dict]:
     """The accepted pairs of a KV search, in the order they were accepted (with the perplexity after each)."""
     return [entry for entry in state.trace[1:] if entry.get("accepted")]
