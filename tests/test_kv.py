@@ -211,3 +211,27 @@ def test_a_gguf_export_of_a_kv_plan_is_refused_before_any_work(tmp_path):
     with pytest.raises(PlanError, match="cannot carry KV sharing"):
         export("smollm2-135m", "kv:19<-18", tmp_path / "out.gguf", fmt="gguf")
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ real models
+@pytest.mark.slow
+@pytest.mark.parametrize("name, text", [("smollm2", "skip:24-25; kv:7<-0,10-11<-9"),
+                                        ("gemma3", "kv:4<-3,11<-5")])  # Gemma 3: 5, 11, 17 are global
+@torch.no_grad()
+def test_kv_plans_on_the_real_models_decode_as_they_recompute_and_search_runs(name, text, request, tmp_path):
+    from layerlab.kv_search import KVSearchSettings, search_kv
+    from layerlab.kvcache import CacheSettings, kv_cache
+
+    model, tokenizer = request.getfixturevalue(name)
+    plan = Plan.parse(text, model.config.num_hidden_layers)
+    prompt = tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
+    with apply_plan(model, plan):
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert torch.equal(cached[:, :prompt.shape[1] + 6], greedy_without_cache(model, prompt, 6))
+        with kv_cache(model, CacheSettings("int8")):
+            assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
+    text = "It was a bright cold day in April, and the clocks were striking thirteen. " * 20
+    state = search_kv(model, tokenizer, text, KVSearchSettings(budget=0.2, tolerance=0.5, order="similar", ctx=64,
+                                                               windows=1),
+                      state_path=tmp_path / "kv.json", max_tries=2, progress=False)
+    assert len(state.trace) == 3 and all("accepted" in entry for entry in state.trace[1:])
