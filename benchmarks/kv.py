@@ -2,6 +2,9 @@
 
 1. search: the KV-sharing search (`layerlab.kv_search`) to the largest budget, once per pair order,
    calibrated on --calibration; the map for a smaller budget is the map after that many accepted pairs.
+   extend: where the search's tolerance stops it short of a budget, the same search of --order with
+   --extend-tolerance gives that budget's map (what more sharing costs); it reuses the first search's
+   per-pair scores, so it tries only pairs that alone stay within the first tolerance.
 2. quality, for every budget x cache type (maps of --order): KV bytes per token (the cache's tensors
    after a prefill of --bytes-tokens tokens, measured), perplexity on --ppl-text in non-overlapping
    windows of 2048 and 4096 tokens (per-window paired differences against the baseline), and
@@ -14,7 +17,8 @@ Everything lands in --out (JSON, after every configuration; --resume skips what 
 table in --out with .txt, the chart with .png.
 
     python benchmarks/kv.py [--model smollm2-135m] [--budgets 0,0.15,0.3,0.5] [--caches full,int8]
-        [--tolerance 0.1] [--orders dissimilar,similar] [--order dissimilar] [--stages search,quality,speed]
+        [--tolerance 0.1] [--extend-tolerance 0.5] [--orders loss,dissimilar,similar] [--order loss]
+        [--stages search,extend,quality,speed]
         [--speed-configs 0:full,0.3:full,0:int8,0.3:int8] [--speed-context 4096] [--speed-rounds 3]
         [--out benchmarks/results/kv.json] [--resume] [--threads 1]
 """
@@ -39,7 +43,7 @@ from layerlab.evaluate.perplexity import bos_id, encode_text, make_windows, wind
 from layerlab.evaluate.speed import PeakMemory, interleaved, prefill_decode_seconds
 from layerlab.io import atomic_write_text
 from layerlab.kv import cache_bytes
-from layerlab.kv_search import KVSearchSettings, accepted_pairs, consumers_allowed, one_shot_kv, search_kv
+from layerlab.kv_search import KVSearchSettings, accepted_pairs, consumers_allowed, search_kv
 from layerlab.kvcache import CacheSettings, kv_cache
 from layerlab.plan import Plan
 from layerlab.runtime import apply_plan
@@ -52,8 +56,10 @@ def options() -> argparse.Namespace:
     parser.add_argument("--budgets", default="0,0.15,0.3,0.5")
     parser.add_argument("--caches", default="full,int8")
     parser.add_argument("--tolerance", type=float, default=0.1, help="calibration perplexity growth the search allows")
-    parser.add_argument("--orders", default="dissimilar,similar")
-    parser.add_argument("--order", default="dissimilar", help="whose maps fill the table")
+    parser.add_argument("--extend-tolerance", type=float, default=0.5,
+                        help="a second search with this tolerance fills the budgets the first does not reach")
+    parser.add_argument("--orders", default="loss,dissimilar,similar")
+    parser.add_argument("--order", default="loss", help="whose maps fill the table")
     parser.add_argument("--calibration", default="wikitext2-valid")
     parser.add_argument("--calib-ctx", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=2)
@@ -62,7 +68,7 @@ def options() -> argparse.Namespace:
     parser.add_argument("--windows-4k", type=int, default=2)
     parser.add_argument("--mc-rows", type=int, default=200)
     parser.add_argument("--bytes-tokens", type=int, default=2048)
-    parser.add_argument("--stages", default="search,quality,speed")
+    parser.add_argument("--stages", default="search,extend,quality,speed")
     parser.add_argument("--speed-configs", default="0:full,0.3:full,0:int8,0.3:int8")
     parser.add_argument("--speed-context", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=16)
@@ -74,16 +80,26 @@ def options() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ maps
-def search(model, tokenizer, args, order: str, run: bool) -> dict | None:
-    """The search of one order (run or resumed when `run`, else read from its state file) as a summary."""
-    path = Path(f"{args.out}.search-{order}.json")
+def state_path(args, order: str, extended: bool = False) -> Path:
+    return Path(f"{args.out}.search-{order}{'-extended' if extended else ''}.json")
+
+
+def search(model, tokenizer, args, order: str, run: bool, extended: bool = False) -> dict | None:
+    """The search of one order (run or resumed when `run`, else read from its state file) as a summary.
+
+    `extended`: the same search with --extend-tolerance, for the budgets the main one does not reach.
+    """
+    path = state_path(args, order, extended)
+    if run and extended and not path.exists():
+        seed_scores(args, order, path)
     if run:
         settings = KVSearchSettings(budget=max(args.budgets) if max(args.budgets) > 0 else 0.5,
-                                    tolerance=args.tolerance, order=order, ctx=args.calib_ctx,
-                                    windows=args.calib_windows)
+                                    tolerance=args.extend_tolerance if extended else args.tolerance, order=order,
+                                    ctx=args.calib_ctx, windows=args.calib_windows)
         start = time.perf_counter()
         search_kv(model, tokenizer, read_text(args.calibration), settings, state_path=path, resume=True)
-        print(f"search {order}: {time.perf_counter() - start:.0f} s this run", flush=True)
+        print(f"search {order}{' extended' if extended else ''}: {time.perf_counter() - start:.0f} s this run",
+              flush=True)
     if not path.exists():
         return None
     state = SearchState.load(path)
@@ -92,19 +108,37 @@ def search(model, tokenizer, args, order: str, run: bool) -> dict | None:
         Plan.identity(state.plan["num_layers"]), state.settings["budget"])
     return {"start_perplexity": state.trace[0]["start_perplexity"], "tried": len(state.trace) - 1,
             "pairs": len(state.ranking), "finished": done, "layer_forwards": state.layer_forwards,
+            "tolerance": state.settings["tolerance"],
             "accepted": [{"pair": e["pair"], "kv": e["kv"], "perplexity": e["perplexity"]} for e in accepted]}
 
 
+def seed_scores(args, order: str, path: Path) -> None:
+    """Start the extended search from the first one's per-pair scores (same start plan and calibration):
+    it then tries only the pairs that alone stay within the first tolerance, best first, and skips
+    scoring every pair again (an hour on a shared 2-core CPU)."""
+    first = SearchState.load(state_path(args, order))
+    settings = first.settings | {"tolerance": args.extend_tolerance}
+    SearchState(first.plan if not first.plan.get("kv_sources") else
+                {k: v for k, v in first.plan.items() if k != "kv_sources"}, None,
+                trace=first.trace[:1], settings=settings).save(path)
+
+
 def plan_for(args, order: str, budget: float, n_layers: int) -> tuple[Plan, str]:
-    """The map after as many accepted pairs as the budget allows; where the search stopped short of the
-    budget (its tolerance), a `loss` search's one-shot map of that size instead. With how it was made."""
-    state = SearchState.load(f"{args.out}.search-{order}.json")
+    """The map for a budget, with how it was made: the first search's accepted pairs up to the budget; where
+    its tolerance stopped it short, the extended search's; where that stops short too, its last map."""
     wanted = consumers_allowed(Plan.identity(n_layers), budget)
-    accepted = [e for e in accepted_pairs(state) if len(Plan.parse(e["kv"], n_layers).kv) <= wanted]
-    plan = Plan.parse(accepted[-1]["kv"], n_layers) if wanted and accepted else Plan.identity(n_layers)
-    if len(plan.kv) < wanted and "alone_perplexity" in state.trace[0]:
-        return one_shot_kv(state, wanted), "one-shot"
-    return plan, "search" if wanted else "-"
+    if not wanted:
+        return Plan.identity(n_layers), "-"
+    best = (Plan.identity(n_layers), "search (none accepted)")
+    for extended in (False, True):
+        if state_path(args, order, extended).exists():
+            state = SearchState.load(state_path(args, order, extended))
+            accepted = [Plan.parse(e["kv"], n_layers) for e in accepted_pairs(state)]
+            accepted = [plan for plan in accepted if len(plan.kv) <= wanted]
+            if accepted and len(accepted[-1].kv) > len(best[0].kv):
+                short = "" if len(accepted[-1].kv) == wanted else ", short of the budget"
+                best = (accepted[-1], f"search {state.settings['tolerance']:.0%}{short}")
+    return best
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -212,14 +246,15 @@ def table(results: dict, args, n_layers: int) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *body]]
     lines += ["", "KV vs full: against the model's own cache (float32 here); vs 16-bit: against a bf16/fp16 cache "
-              "of the same shape (half the float32 bytes, computed). map: search = the search's accepted pairs; "
-              "one-shot = the search stopped short of the budget (tolerance), so the pairs with the best "
-              "calibration loss alone are taken without re-checking (what more sharing costs)."]
+              "of the same shape (half the float32 bytes, computed). map: search T = the accepted pairs of the search "
+              "with tolerance T (the extended search where the first stopped short of the budget; 'short' when "
+              "that too ran out of pairs before the budget: then the row repeats the largest map found)."]
     lines += ["", "maps:"] + [f"  {name}: {row['plan']}" for name, row in rows.items() if row["plan"] != "all"]
     for order, searched in results.get("search", {}).items():
         trail = ", ".join(f"{len(Plan.parse(e['kv'], n_layers).kv)}: {e['perplexity']:.2f}"
                           for e in searched["accepted"])
-        lines.append(f"search {order}: start {searched['start_perplexity']:.2f}, {searched['tried']} of "
+        lines.append(f"search {order} (tolerance {searched['tolerance']:.0%}): start "
+                     f"{searched['start_perplexity']:.2f}, {searched['tried']} of "
                      f"{searched['pairs']} pairs tried{'' if searched['finished'] else ' (stopped early)'}, "
                      f"{searched['layer_forwards']} layer forwards; consumers: calibration ppl after each "
                      f"accepted pair: {trail or 'none accepted'}")
@@ -269,6 +304,7 @@ def main() -> None:
 
     stages = args.stages.split(",")
     searched = {order: search(model, tokenizer, args, order, "search" in stages) for order in args.orders.split(",")}
+    searched[f"{args.order} extended"] = search(model, tokenizer, args, args.order, "extend" in stages, extended=True)
     results["search"] = {order: summary for order, summary in searched.items() if summary is not None}
     save()
     if args.order not in results["search"]:
@@ -284,17 +320,23 @@ def main() -> None:
                 name = f"{budget:g}:{cache}"
                 if results["quality"].get(name, {}).get("plan") == maps[budget].to_text():
                     continue
+                same = [row for other, row in results["quality"].items()
+                        if other.endswith(":" + cache) and row["plan"] == maps[budget].to_text()]
+                if same:  # a budget the search could not fill: the same map as a smaller budget
+                    results["quality"][name] = same[0]
+                    continue
                 start = time.perf_counter()
                 results["quality"][name] = {"plan": maps[budget].to_text(), "map": made[budget][1]} | quality(
                     model, tokenizer, maps[budget], cache, args, texts, items)
                 save()
                 print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
         results.setdefault("other_orders", {})
-        for order in (o for o in results["search"] if o != args.order):
+        for order in (o for o in results["search"] if o != args.order and " " not in o):
             for budget in (b for b in args.budgets if b > 0):
                 plan = plan_for(args, order, budget, n_layers)[0]
                 name = f"{order} {budget:.0%}"
-                if results["other_orders"].get(name, {}).get("plan") != plan.to_text():
+                done = {row["plan"] for row in results["other_orders"].values()}
+                if plan.kv and plan.to_text() not in done:
                     results["other_orders"][name] = {"plan": plan.to_text()} | quality(
                         model, tokenizer, plan, "full", args, texts, items, full=False)
                     save()
