@@ -26,7 +26,7 @@ import layerlab
 from layerlab.corpora import read_choices, read_text
 from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import perplexity
-from layerlab.io import atomic_write_text
+from layerlab.io import update_file
 from layerlab.metrics.similarity import similarity
 from layerlab.plan import Plan, Step
 from layerlab.runtime import apply_plan
@@ -127,9 +127,8 @@ def main() -> None:
         print(f"{row['granularity']:11s} {row['n']:2d} {row['method']:8s} "
               + " ".join(f"{row[t]:24.3f}" for t in texts) + f" {row['acc']:6.3f} {row['acc_norm']:8.3f}  {key}",
               flush=True)
-        atomic_write_text(Path(args.out), json.dumps({"settings": vars(args), "rows": [r for r in rows
-                                                                                         if "acc" in r]}, indent=1),
-                          force=True)
+        update_file(Path(args.out), json.dumps({"settings": vars(args), "rows": [r for r in rows if "acc" in r]},
+                                               indent=1))
 
 
 if __name__ == "__main__":

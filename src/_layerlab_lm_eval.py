@@ -17,6 +17,22 @@ def register() -> None:
 
     if "layerlab" not in model_registry:
         model_registry.register("layerlab", target=TARGET)
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _one_line_for_user_errors
+
+
+def _one_line_for_user_errors(kind, value, traceback) -> None:
+    """In lm-eval's own command line, a layerlab user error (a bad plan or model) is one line, exit 2."""
+    from layerlab.errors import LayerlabError, one_line
+
+    if not isinstance(value, LayerlabError):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    sys.stderr.write(f"error: {one_line(value)}\n")
+    sys.stderr.flush()
+    import os
+
+    os._exit(2)  # sys.exit cannot be raised from an excepthook; lm-eval has nothing left to clean up
 
 
 class _AfterLmEvalModels(importlib.abc.MetaPathFinder):

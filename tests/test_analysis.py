@@ -169,7 +169,7 @@ def test_analyze_writes_every_file(tmp_path):
     results = analyze(model, Tokenizer(), plans, PROMPT, tmp_path / "out", max_heads=2, top_k=3)
     out = tmp_path / "out"
     assert json.loads((out / "analysis.json").read_text()) == results
-    names = {"spectrum_summary.png", "analysis.json"} | {f"{kind}_{i}.png" for i in range(2)
+    names = {"spectrum_summary.png", "analysis.json", ".layerlab.json"} | {f"{kind}_{i}.png" for i in range(2)
                                                           for kind in ("attention", "spectrum", "cosine")}
     assert {p.name for p in out.iterdir()} == names
     assert all(is_png(p) for p in out.glob("*.png"))

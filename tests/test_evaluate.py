@@ -139,6 +139,6 @@ def test_bad_data_sources(tmp_path):
     with pytest.raises(DataError, match="neither a file nor a bundled name"):
         read_text("no-such-corpus")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"query": "q", "endings": ["a"], "label": 3}\n')
+    bad.write_text('{"query": "q", "endings": ["a", "b"], "label": 3}\n')
     with pytest.raises(DataError, match="label 3 is not an index"):
         read_choices(str(bad))

@@ -1,6 +1,7 @@
 """Exports: Hugging Face folders and pruned GGUF files give the plan's logits; outputs are written safely."""
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import layerlab
 from layerlab import Plan, PlanError, apply_plan
+from layerlab.errors import OutputError
 from layerlab.export.gguf import check_swa_pattern, prune_gguf
 from layerlab.export.hf import export_hf
 from layerlab.io import OutputExistsError, atomic_write_text
@@ -80,9 +82,13 @@ def test_outputs_are_never_clobbered(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="not an empty folder; choose another path or pass --force"):
         export_hf(model, NoTokenizer(), plan, out)
+    with pytest.raises(OutputError, match="not written by layerlab, so --force will not replace it"):
+        export_hf(model, NoTokenizer(), plan, out, force=True)  # --force never deletes the user's own folder
     assert (out / "keep.txt").read_text() == "mine"
-    export_hf(model, NoTokenizer(), plan, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    (out / "keep.txt").unlink()
+    export_hf(model, NoTokenizer(), plan, out)  # an empty folder is fine
+    export_hf(model, NoTokenizer(), Plan.parse("skip:1-2", 6), out, force=True)  # and layerlab's own is replaced
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging leftovers
 
 

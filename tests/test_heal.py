@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from layerlab import LayerlabError, Plan
 from layerlab.cli import cli
+from layerlab.errors import ResumeError
 from layerlab.evaluate.perplexity import perplexity
 from layerlab.export.hf import materialize
 from layerlab.heal import HealError, HealSettings, checkpoint_folder, heal, save_healed
@@ -92,7 +93,7 @@ def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
     expected = straight.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    with pytest.raises(HealError, match="lr=0.01, but this run has lr=0.02"):
+    with pytest.raises(ResumeError, match="lr=0.01, but this run has lr=0.02"):
         heal(model, CharTokenizer(), TEXT, plan, HealSettings(**{**FAST.__dict__, "lr": 2e-2}),
              checkpoint_dir=tmp_path / "b", resume=True, progress=False)
 

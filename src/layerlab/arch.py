@@ -79,15 +79,20 @@ def per_layer_values(config, arch: Arch, layers: tuple[int, ...], num_layers: in
     return out
 
 
+def unsupported(model_type: str | None) -> UnsupportedArchitectureError:
+    """The error for an architecture without a row, naming what to add."""
+    known = ", ".join(sorted(ARCHITECTURES))
+    return UnsupportedArchitectureError(
+        f"architecture {model_type!r} is not supported (known: {known}); "
+        "add a row naming its layers, attention, MLP and norms to layerlab/arch.py"
+    )
+
+
 def arch_of(model: nn.Module) -> Arch:
     """The row for `model`, or a clear error naming the missing architecture."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported (known: {known}); "
-            "add a row naming its layers, attention, MLP and norms to layerlab/arch.py"
-        )
+        raise unsupported(model_type)
     return ARCHITECTURES[model_type]
 
 

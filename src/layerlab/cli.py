@@ -1,118 +1,158 @@
-"""Command line: parse arguments, call the library, print. Errors print one line and exit 2."""
+"""Command line: parse arguments into settings, call one library function, print.
+
+The rules live in the library (`settings.py`, `jobs.py`, `prune.py`); this file only translates.
+Error contract: a `LayerlabError` (a user mistake) prints one line `error: ...` on stderr and exits
+with 2; an unexpected exception prints one line and exits with 1 (`--debug` shows the traceback);
+Ctrl-C exits with 130 and SIGTERM with 143, after staging folders are removed. Only click, rich and
+the light `settings` / `errors` modules are imported at start-up, so `layerlab --help` is instant;
+torch and transformers load inside the commands.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from .errors import LayerlabError
-from .heal import HealSettings
-from .plan import Plan, unique_plans
+from .errors import LayerlabError, SettingsError, one_line
+from .settings import (
+    DEFAULT_DROP,
+    DTYPES,
+    EVAL_TASKS,
+    EXPORT_FORMATS,
+    GRANULARITIES,
+    PLAN_FORMATS,
+    QUICK_EVAL,
+    SEARCH_METHODS,
+    TOKEN_MODES,
+    AnalyzeSettings,
+    EvalJob,
+    EvalSettings,
+    ExportSettings,
+    GenerateSettings,
+    HealJob,
+    HealSettings,
+    ModelSpec,
+    PruneJob,
+    PruneSettings,
+    ScoreSettings,
+    SearchSettings,
+    SpeculateSettings,
+    SpeculativeSettings,
+)
 
-console = Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole tables
-
-PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
+_DEBUG = {"on": False}
 
 
-def model_option(**kwargs):
-    """The --model option every model command takes."""
-    kwargs = {"default": "smollm2-135m", "show_default": True} if not kwargs else kwargs
-    return click.option("--model", "-m", "source", help="Embedded name, Hugging Face folder, .gguf file or hub id.",
-                        **kwargs)
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 240)  # pipes get whole tables
+
+
+def _print(*things, **kwargs) -> None:
+    _console().print(*things, **kwargs)
+
+
+def model_options(function):
+    """--model, --dtype, --device and --trust-remote-code: every command that runs a model takes them."""
+    options = [
+        click.option("--model", "-m", "source", default=ModelSpec.source, show_default=True,
+                     help="Embedded name, Hugging Face folder, .gguf file or hub id."),
+        click.option("--dtype", type=click.Choice(DTYPES), default=ModelSpec.dtype, show_default=True),
+        click.option("--device", default=ModelSpec.device, show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Let a model folder run its own Python code (auto_map); off unless you trust it."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _spec(source: str, dtype: str, device: str, trust_remote_code: bool) -> ModelSpec:
+    return ModelSpec(source, dtype, device, trust_remote_code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (anywhere on the line).")
+def cli(debug: bool) -> None:
     """layerlab: depth surgery on transformer language models."""
 
 
 @cli.command()
 def models() -> None:
     """List the embedded models and whether their packages are installed."""
+    from rich.table import Table
+
     from .models import model_status
 
     table = Table("name", "description", "installed")
     for row in model_status():
         table.add_row(row["name"], row["description"], row["installed"])
-    console.print(table)
+    _print(table)
 
 
 @cli.command()
-@model_option()
+@model_options
 @click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is always shown first.")
-@click.option("--prompt", "prompts", multiple=True, default=["Once upon a time"], show_default=True,
+@click.option("--prompt", "prompts", multiple=True, default=GenerateSettings.prompts, show_default=True,
               help="Prompt (repeatable).")
-@click.option("--max-new-tokens", "-n", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", "-n", default=GenerateSettings.max_new_tokens, show_default=True, type=int)
 @click.option("--sample", is_flag=True, help="Seeded sampling instead of greedy decoding.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-def generate(source, plans, prompts, max_new_tokens, sample, seed, dtype, device) -> None:
+@click.option("--seed", default=GenerateSettings.seed, show_default=True)
+def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_tokens, sample, seed) -> None:
     """Generate from prompts with several plans, printed side by side."""
-    from .evaluate.samples import generate_table
-    from .models import layer_count, load
+    from rich.table import Table
 
-    n = layer_count(source)
-    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
-    model, tokenizer = load(source, dtype=dtype, device=device)
-    rows = generate_table(model, tokenizer, list(prompts), parsed, max_new_tokens=max_new_tokens,
-                          do_sample=sample, seed=seed)
+    from . import jobs
+
+    settings = GenerateSettings(_spec(source, dtype, device, trust_remote_code), tuple(plans), tuple(prompts),
+                                max_new_tokens, sample, seed)
+    parsed, rows = jobs.generate(settings)
     table = Table("plan", "steps", "tok/s", "generation", show_lines=True)
     for plan, row in zip([p for p in parsed for _ in prompts], rows, strict=True):
         table.add_row(row.plan, str(len(plan.steps)), f"{row.tokens_per_second:.1f}",
                       f"[dim]{row.prompt}[/dim]{row.text}")
-    console.print(table)
+    _print(table)
 
 
 @cli.command("eval")
-@model_option()
+@model_options
 @click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is the baseline row.")
-@click.option("--tasks", "-t", default="ppl,mc,samples,speed", show_default=True,
-              help="Comma-separated: ppl, mc, samples, speed.")
-@click.option("--ppl-text", default="wikitext2-test", show_default=True,
+@click.option("--tasks", "-t", default=",".join(EVAL_TASKS), show_default=True,
+              help=f"Comma-separated, from: {', '.join(EVAL_TASKS)}.")
+@click.option("--ppl-text", default=EvalSettings.ppl_text, show_default=True,
               help="Bundled corpus name, text file or hf:DATASET[:CONFIG]:SPLIT[:FIELD].")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2))
-@click.option("--stride", type=click.IntRange(1), help="Sliding windows scoring only new tokens (default: none).")
-@click.option("--ppl-windows", default=20, show_default=True, type=click.IntRange(0), help="0 means all windows.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--mc-data", default="hellaswag-2k", show_default=True, help="Bundled name or JSONL file.")
-@click.option("--mc-items", default=100, show_default=True, type=click.IntRange(0), help="0 means all items.")
-@click.option("--prompt", "prompts", multiple=True, default=["Once upon a time"], show_default=True)
-@click.option("--max-new-tokens", "-n", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--speed-rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--ctx", default=EvalSettings.ctx, show_default=True, type=int)
+@click.option("--stride", type=int, help="Sliding windows scoring only new tokens (default: none).")
+@click.option("--ppl-windows", default=EvalSettings.ppl_windows, show_default=True, type=int,
+              help="0 means all windows.")
+@click.option("--batch-size", default=EvalSettings.batch_size, show_default=True, type=int)
+@click.option("--mc-data", default=EvalSettings.mc_data, show_default=True, help="Bundled name or JSONL file.")
+@click.option("--mc-items", default=EvalSettings.mc_items, show_default=True, type=int, help="0 means all items.")
+@click.option("--prompt", "prompts", multiple=True, default=EvalSettings.prompts, show_default=True)
+@click.option("--max-new-tokens", "-n", default=EvalSettings.max_new_tokens, show_default=True, type=int)
+@click.option("--speed-rounds", default=EvalSettings.speed_rounds, show_default=True, type=int)
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="JSON results path (default: a new timestamped file).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-def eval_command(source, plans, tasks, ppl_text, ctx, stride, ppl_windows, batch_size, mc_data, mc_items, prompts,
-                 max_new_tokens, speed_rounds, out, force, dtype, device) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
+def eval_command(source, dtype, device, trust_remote_code, plans, tasks, ppl_text, ctx, stride, ppl_windows,
+                 batch_size, mc_data, mc_items, prompts, max_new_tokens, speed_rounds, out, force) -> None:
     """Evaluate several plans side by side: one table with a baseline row and deltas, plus JSON."""
-    import json
     import time
 
-    from .evaluate.compare import EvalSettings, evaluate_plans
-    from .io import atomic_write_text, check_output
-    from .models import layer_count, load
+    from . import jobs
 
-    n = layer_count(source)
-    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
-    settings = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=ppl_windows or None,
-                            batch_size=batch_size, mc_data=mc_data, mc_items=mc_items or None,
-                            prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
-    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    out = out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json")
-    check_output(out, force=force)  # before hours of work, not after
-    model, tokenizer = load(source, dtype=dtype, device=device)
-    results = evaluate_plans(model, tokenizer, parsed, task_list, settings) | {"model": source}
-    console.print(_results_table(results))
-    atomic_write_text(out, json.dumps(results, indent=2), force=force)
-    console.print(f"results written to {out}")
+    evaluation = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=_none_if_zero(ppl_windows),
+                              batch_size=batch_size, mc_data=mc_data, mc_items=_none_if_zero(mc_items),
+                              prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
+    job = EvalJob(_spec(source, dtype, device, trust_remote_code), tuple(plans), _names(tasks), evaluation,
+                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force)
+    results = jobs.evaluate(job)
+    _print(_results_table(results))
+    _print(f"results written to {job.out}")
 
 
 RESULT_COLUMNS = [  # (task, header, cell) for the eval table
@@ -129,8 +169,10 @@ RESULT_COLUMNS = [  # (task, header, cell) for the eval table
 ]
 
 
-def _results_table(results: dict) -> Table:
+def _results_table(results: dict):
     """One row per plan; deltas against the baseline (first) row."""
+    from rich.table import Table
+
     rows = results["rows"]
     columns = [(header, cell) for task, header, cell in RESULT_COLUMNS if task in rows[0]]
     table = Table("plan", "steps", *(header for header, _ in columns), show_lines=True)
@@ -140,50 +182,43 @@ def _results_table(results: dict) -> Table:
 
 
 @cli.command()
-@model_option()
+@model_options
 @click.option("--draft-plan", "-d", required=True,
               help="Layer plan the model drafts with (text or file), or 'auto' to search for one.")
 @click.option("--prompt", required=True, help="Prompt to continue.")
-@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", "-n", default=SpeculateSettings.max_new_tokens, show_default=True, type=int)
 @click.option("--sample", is_flag=True, help="Exact speculative sampling instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-draft", default=8, show_default=True, type=click.IntRange(1), help="Most drafts per verification.")
-@click.option("--min-confidence", default=0.5, show_default=True,
+@click.option("--temperature", default=SpeculativeSettings.temperature, show_default=True, type=float)
+@click.option("--seed", default=SpeculativeSettings.seed, show_default=True)
+@click.option("--max-draft", default=SpeculativeSettings.max_draft, show_default=True, type=int,
+              help="Most drafts per verification.")
+@click.option("--min-confidence", default=SpeculativeSettings.min_confidence, show_default=True, type=float,
               help="Stop drafting after a token whose draft probability is below this.")
-@click.option("--min-ratio", default=1.0, show_default=True,
+@click.option("--min-ratio", default=SpeculativeSettings.min_ratio, show_default=True, type=float,
               help="Stop drafting after a token whose top-1/top-2 probability ratio is below this.")
-@click.option("--search-text", default="wikitext2-valid", show_default=True, help="Calibration text for 'auto'.")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-def speculate(source, draft_plan, prompt, max_new_tokens, sample, temperature, seed, max_draft, min_confidence,
-              min_ratio, search_text, dtype, device) -> None:
+@click.option("--search-text", default=SpeculateSettings.search_text, show_default=True,
+              help="Calibration text for 'auto'.")
+def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_new_tokens, sample, temperature, seed,
+              max_draft, min_confidence, min_ratio, search_text) -> None:
     """Self-speculative decoding: draft with a layer plan, verify with every layer; output equals plain decoding."""
-    from .models import load
-    from .speculative import SpeculativeSettings, break_even_summary, compare_with_plain
+    from . import jobs
+    from .speculative import break_even_summary
 
-    model, tokenizer = load(source, dtype=dtype, device=device)
-    settings = SpeculativeSettings(max_draft=max_draft, min_confidence=min_confidence, min_ratio=min_ratio,
+    decoding = SpeculativeSettings(max_draft=max_draft, min_confidence=min_confidence, min_ratio=min_ratio,
                                    sample=sample, temperature=temperature, seed=seed)
-    n = model.config.get_text_config(decoder=True).num_hidden_layers
-    plan = _searched_draft_plan(model, tokenizer, prompt, search_text, settings) if draft_plan == "auto" else (
-        Plan.load(draft_plan, n))
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    result = compare_with_plain(model, ids, plan, max_new_tokens, settings)
-    console.print(f"[dim]{prompt}[/dim]{tokenizer.decode(result.ids[0, ids.shape[1]:], skip_special_tokens=True)}")
-    console.print(_speculation_table(f"draft plan {plan} ({len(plan.steps)} of {n} steps)", [result.stats]))
-    console.print(break_even_summary(result.stats))
+    outcome = jobs.speculate(SpeculateSettings(_spec(source, dtype, device, trust_remote_code), draft_plan, prompt,
+                                               max_new_tokens, decoding, search_text))
+    if outcome.draft_search is not None:
+        _print(_speculation_table("draft plans, best predicted speedup first",
+                                  [c.stats for c in outcome.draft_search.ranking],
+                                  ("plan", [f"{c.plan} ({c.kind})" for c in outcome.draft_search.ranking])))
+        _print(outcome.draft_search.summary())
+    from rich.markup import escape
 
-
-def _searched_draft_plan(model, tokenizer, prompt: str, text: str, settings) -> Plan:
-    """Run the draft-plan search on the prompt, print its ranking, return the best plan."""
-    from .corpora import read_text
-    from .draft_search import search_draft_plan
-
-    found = search_draft_plan(model, tokenizer, [prompt], read_text(text), max_new_tokens=24, settings=settings)
-    console.print(_search_table(found))
-    console.print(found.summary())
-    return found.best.plan
+    _print(f"[dim]{escape(prompt)}[/dim]{escape(outcome.text)}")
+    _print(_speculation_table(f"draft plan {outcome.plan} ({len(outcome.plan.steps)} of {outcome.num_layers} steps)",
+                              [outcome.result.stats]))
+    _print(break_even_summary(outcome.result.stats))
 
 
 SPECULATION_COLUMNS = [  # (header, cell) for the statistics of speculative runs
@@ -198,8 +233,10 @@ SPECULATION_COLUMNS = [  # (header, cell) for the statistics of speculative runs
 ]
 
 
-def _speculation_table(title: str, runs: list, first: tuple[str, list[str]] | None = None) -> Table:
+def _speculation_table(title: str, runs: list, first: tuple[str, list[str]] | None = None):
     """One row per run; `first` is an optional leading (header, cells) column."""
+    from rich.table import Table
+
     headers = ([first[0]] if first else []) + [header for header, _ in SPECULATION_COLUMNS]
     table = Table(*headers, title=title)
     for i, stats in enumerate(runs):
@@ -207,62 +244,55 @@ def _speculation_table(title: str, runs: list, first: tuple[str, list[str]] | No
     return table
 
 
-def _search_table(found) -> Table:
-    return _speculation_table("draft plans, best predicted speedup first", [c.stats for c in found.ranking],
-                              ("plan", [f"{c.plan} ({c.kind})" for c in found.ranking]))
-
-
 @cli.command()
-@model_option(required=True)
+@model_options
 @click.option("--plan", "-p", "plan_text", required=True, help="Layer plan (text or .json/.yaml file).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (hf) or .gguf file (gguf).")
-@click.option("--format", "-f", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True)
+@click.option("--format", "-f", "fmt", type=click.Choice(EXPORT_FORMATS), default=ExportSettings.format,
+              show_default=True)
 @click.option("--remote-code", is_flag=True, help="With sublayer drops: also write a self-contained modeling file.")
-@click.option("--eval-windows", default=8, show_default=True, type=click.IntRange(0),
+@click.option("--eval-windows", default=ExportSettings.eval_windows, show_default=True, type=int,
               help="Perplexity windows for the model card (0 skips measuring).")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-def export(source, plan_text, out, fmt, remote_code, eval_windows, force) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output that layerlab wrote.")
+def export(source, dtype, device, trust_remote_code, plan_text, out, fmt, remote_code, eval_windows, force) -> None:
     """Write a physically smaller model: a Hugging Face folder or a pruned GGUF file, with a model card."""
-    from .export import export as run_export
+    from . import jobs
 
-    path = run_export(source, plan_text, out, fmt, force=force, remote_code=remote_code, eval_windows=eval_windows)
+    settings = ExportSettings(_spec(source, dtype, device, trust_remote_code), plan_text, out, fmt, remote_code,
+                              eval_windows, force)
+    path = jobs.export(settings)
     card = path / "README.md" if fmt == "hf" else path.with_suffix(".md")
-    console.print(card.read_text())
-    console.print(f"exported to {path}")
+    _print(card.read_text(), markup=False)
+    _print(f"exported to {path}")
 
 
 @cli.command()
-@model_option()
-@click.option("--plan", "-p", "plan_text", default="all", show_default=True, help="Score the steps of this plan.")
-@click.option("--text", default="wikitext2-valid", show_default=True, help="Calibration text (not the eval text).")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2))
-@click.option("--windows", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--tokens", type=click.Choice(["all", "last"]), default="all", show_default=True,
+@model_options
+@click.option("--plan", "-p", "plan_text", default=ScoreSettings.plan, show_default=True,
+              help="Score the steps of this plan.")
+@click.option("--text", default=ScoreSettings.text, show_default=True, help="Calibration text (not the eval text).")
+@click.option("--ctx", default=ScoreSettings.ctx, show_default=True, type=int)
+@click.option("--windows", default=ScoreSettings.windows, show_default=True, type=int)
+@click.option("--tokens", type=click.Choice(TOKEN_MODES), default=ScoreSettings.tokens, show_default=True,
               help="Tokens the angular distance averages over (Gromov et al. read the last one).")
 @click.option("--ppl-delta", is_flag=True,
               help="Also measure the perplexity change when each step, attention and MLP is skipped (slower).")
-@click.option("--out", "-o", default="layerlab-score", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", default=ScoreSettings.out, show_default=True, type=click.Path(file_okay=False),
               help="Folder for scores.json, importance.png and angular.png.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-def score(source, plan_text, text, ctx, windows, tokens, ppl_delta, out, force) -> None:
+@click.option("--force", is_flag=True, help="Replace a --out folder that layerlab wrote.")
+def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, windows, tokens, ppl_delta, out,
+          force) -> None:
     """Score every layer and sublayer: Block Influence, angular distance, LLM-Drop cosine (one pass), and
     optionally the perplexity change when each is skipped."""
-    import json
+    from rich.table import Table
 
-    from .analysis.plots import angular_heatmap, importance_bars
-    from .corpora import read_text
-    from .export.files import staged_folder
-    from .io import check_output
-    from .metrics.perplexity_delta import HALVES, perplexity_deltas
-    from .metrics.similarity import similarity
-    from .models import layer_count, load
+    from . import jobs
+    from .metrics.perplexity_delta import HALVES
 
-    check_output(out, folder=True, force=force)
-    plan = Plan.load(plan_text, layer_count(source))
-    model, tokenizer = load(source)
-    calibration = read_text(text)
-    result = similarity(model, tokenizer, calibration, plan=plan, ctx=ctx, windows=windows, tokens=tokens)
-    deltas = perplexity_deltas(model, tokenizer, calibration, plan, ctx=ctx, windows=windows) if ppl_delta else None
+    settings = ScoreSettings(_spec(source, dtype, device, trust_remote_code), plan_text, text, ctx, windows, tokens,
+                             ppl_delta, out, force)
+    found = jobs.score(settings)
+    result, deltas, plan = found.similarity, found.deltas, found.plan
     columns = ["rank", "step", "layer", "Block Influence", "attention 1-cos", "MLP 1-cos", "angular n=1"]
     if deltas:
         columns += ["Δppl skip", "Δppl attn", "Δppl mlp"]
@@ -275,259 +305,202 @@ def score(source, plan_text, text, ctx, windows, tokens, ppl_delta, out, force) 
         if deltas:
             row += [_maybe(unit and unit.delta, "+.3f") for unit in (deltas.get(i, h) for h in HALVES)]
         table.add_row(*row)
-    console.print(table)
+    _print(table)
     if deltas:
-        console.print(f"plan perplexity on {text}: {deltas.perplexity:.3f} ({deltas.tokens} tokens)")
-    scores = result.to_dict() | ({"perplexity_delta": deltas.to_dict()} if deltas else {})
-    with staged_folder(out, force) as staging:
-        (staging / "scores.json").write_text(json.dumps(scores, indent=2))
-        importance_bars(result, staging / "importance.png")
-        angular_heatmap(result, staging / "angular.png")
-    console.print(f"scores.json, importance.png and angular.png written to {out}")
+        _print(f"plan perplexity on {text}: {deltas.perplexity:.3f} ({deltas.tokens} tokens)")
+    _print(f"scores.json, importance.png and angular.png written to {found.out}")
 
 
 @cli.command()
-@model_option()
+@model_options
 @click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is always analysed first.")
-@click.option("--prompt", default="The capital of France is", show_default=True, help="Text the model reads.")
-@click.option("--out", "-o", default="layerlab-analysis", show_default=True, type=click.Path(file_okay=False),
+@click.option("--prompt", default=AnalyzeSettings.prompt, show_default=True, help="Text the model reads.")
+@click.option("--out", "-o", default=AnalyzeSettings.out, show_default=True, type=click.Path(file_okay=False),
               help="Folder for the PNGs and analysis.json.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("--max-heads", default=8, show_default=True, type=click.IntRange(1), help="Heads drawn per step.")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Logit-lens tokens per step.")
-def analyze(source, plans, prompt, out, force, max_heads, top_k) -> None:
+@click.option("--force", is_flag=True, help="Replace a --out folder that layerlab wrote.")
+@click.option("--max-heads", default=AnalyzeSettings.max_heads, show_default=True, type=int,
+              help="Heads drawn per step.")
+@click.option("--top-k", default=AnalyzeSettings.top_k, show_default=True, type=int, help="Logit-lens tokens per step.")
+def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force, max_heads, top_k) -> None:
     """Look inside plans: attention maps and their spectra, hidden-state cosine, logit lens."""
-    from .analysis.analyze import analyze as run_analyze
-    from .io import check_output
-    from .models import layer_count, load
+    from rich.markup import escape
+    from rich.table import Table
 
-    check_output(out, folder=True, force=force)
-    if not prompt.strip():
-        raise click.UsageError("--prompt is empty")
-    n = layer_count(source)
-    parsed = unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
-    model, tokenizer = load(source)
-    results = run_analyze(model, tokenizer, {p.to_text(): p for p in parsed}, prompt, out, max_heads=max_heads,
-                          top_k=top_k, force=force)
+    from . import jobs
+
+    settings = AnalyzeSettings(_spec(source, dtype, device, trust_remote_code), tuple(plans), prompt, out, force,
+                               max_heads, top_k)
+    results = jobs.analyze(settings)
     for entry in results["plans"]:
         table = Table("step", f"top {top_k} next tokens after the step (probability)",
                       title=escape(f"logit lens of {entry['name']} on {prompt!r}"))
         for row in entry["logit_lens"]:
             cells = (f"{t!r} {p:.2f}" for t, p in zip(row["tokens"], row["probs"], strict=True))
             table.add_row(row["step"], escape("  ".join(cells)))
-        console.print(table)
+        _print(table)
     numbered = ", ".join(f"{i} = {entry['name']}" for i, entry in enumerate(results["plans"]))
-    console.print(f"analysis.json, spectrum_summary.png and attention_/spectrum_/cosine_<i>.png ({numbered}) "
-                  f"written to {out}", markup=False)
+    _print(f"analysis.json, spectrum_summary.png and attention_/spectrum_/cosine_<i>.png ({numbered}) "
+           f"written to {out}", markup=False)
 
 
 @cli.command()
-@model_option()
-@click.option("--remove", "-r", type=click.IntRange(1), help="Units (layers or halves) to remove.")
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Share of the units to remove, instead of --remove.")
-@click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
-              help="Remove until the parameters the plan runs shrink by this factor.")
-@click.option("--method", type=click.Choice(["greedy", "bi", "angular", "cosine"]), default="greedy", show_default=True)
-@click.option("--granularity", type=click.Choice(["layer", "attn", "mlp", "sublayer"]), default="layer",
+@model_options
+@click.option("--remove", "-r", type=int, help="Units (layers or halves) to remove.")
+@click.option("--fraction", type=float, help="Share of the units to remove, instead of --remove.")
+@click.option("--target-speedup", type=float, help="Remove until the parameters the plan runs shrink by this factor.")
+@click.option("--method", type=click.Choice(SEARCH_METHODS), default=SearchSettings.method, show_default=True)
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=SearchSettings.granularity,
               show_default=True)
-@click.option("--text", default="wikitext2-valid", show_default=True, help="Calibration text (not the eval text).")
-@click.option("--ctx", default=256, show_default=True, type=click.IntRange(2))
-@click.option("--windows", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--text", default=SearchSettings.text, show_default=True, help="Calibration text (not the eval text).")
+@click.option("--ctx", default=SearchSettings.ctx, show_default=True, type=int)
+@click.option("--windows", default=SearchSettings.windows, show_default=True, type=int)
+@click.option("--keep", default=SearchSettings.keep, show_default=True, type=float,
               help="Greedy: share of candidates kept for the next round (llama.cpp-style pruning).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Greedy: save state after each round.")
 @click.option("--resume", is_flag=True, help="Greedy: continue from --state.")
-def search(source, remove, fraction, target_speedup, method, granularity, text, ctx, windows, keep, state_path,
-           resume) -> None:
+@click.option("--force", is_flag=True, help="Greedy: start over, replacing a --state file that layerlab wrote.")
+def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
+           ctx, windows, keep, state_path, resume, force) -> None:
     """Find a plan that removes layers or sublayers: one-shot by a metric, or greedy by perplexity."""
-    from .corpora import read_text
-    from .metrics.similarity import similarity
-    from .models import layer_count, load
-    from .search import Budget, greedy, one_shot
+    from rich.table import Table
 
-    if sum(x is not None for x in (remove, fraction, target_speedup)) != 1:
-        raise click.UsageError("give exactly one of --remove, --fraction or --target-speedup")
-    if resume and not state_path:
-        raise click.UsageError("--resume needs --state")
-    n = layer_count(source)
-    units = n * (2 if granularity == "sublayer" else 1)
-    remove = remove if remove is not None else (round(fraction * units) if fraction is not None else None)
-    if method != "greedy" and remove is None:
-        raise click.UsageError("one-shot methods take --remove or --fraction")
-    model, tokenizer = load(source)
-    calibration = read_text(text)
-    if method == "greedy":
-        state = greedy(model, tokenizer, calibration, Budget(remove, target_speedup), granularity, ctx=ctx,
-                       windows=windows, keep=keep, state_path=state_path, resume=resume)
+    from . import jobs
+
+    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, fraction, target_speedup,
+                              method, granularity, text, ctx, windows, keep, state_path, resume, force)
+    found = jobs.search(settings)
+    if found.state is not None:
         table = Table("round", "removed", "perplexity", "candidates", "aborted", "layer forwards",
                       title=f"greedy search on {text}")
-        for t in state.trace:
+        for t in found.state.trace:
             table.add_row(str(t["round"]), t["removed"], f"{t['perplexity']:.3f}", str(t["candidates"]),
                           str(t["aborted"]), str(t["layer_forwards"]))
-        console.print(table)
-        found = Plan.from_dict(state.plan, n)
-        console.print(f"plan: {found.to_text()}   calibration perplexity {state.trace[-1]['perplexity']:.3f}")
-        return
-    scores = similarity(model, tokenizer, calibration, ctx=ctx, windows=windows)
-    found = one_shot(scores, method, remove, granularity)
-    console.print(f"plan: {found.to_text()}")
+        _print(table)
+        _print(f"plan: {found.plan.to_text()}   calibration perplexity {found.state.trace[-1]['perplexity']:.3f}")
+    else:
+        _print(f"plan: {found.plan.to_text()}")
 
 
 @cli.command()
-@model_option()
-@click.option("--plan", "-p", "plan_text", default="all", show_default=True,
+@model_options
+@click.option("--plan", "-p", "plan_text", default=HealJob.plan, show_default=True,
               help="Layer plan to remove before healing ('all' heals the model as loaded, e.g. an export).")
-@click.option("--data", default="frankenstein", show_default=True,
+@click.option("--data", default=HealJob.data, show_default=True,
               help="Healing text: bundled name or text file. Must not be the evaluation text.")
-@click.option("--steps", default=HealSettings.steps, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=HealSettings.lr, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--rank", default=HealSettings.rank, show_default=True, type=click.IntRange(1), help="LoRA rank.")
-@click.option("--alpha", default=HealSettings.alpha, show_default=True, type=click.IntRange(1), help="LoRA alpha.")
+@click.option("--steps", default=HealSettings.steps, show_default=True, type=int)
+@click.option("--lr", default=HealSettings.lr, show_default=True, type=float)
+@click.option("--rank", default=HealSettings.rank, show_default=True, type=int, help="LoRA rank.")
+@click.option("--alpha", default=HealSettings.alpha, show_default=True, type=int, help="LoRA alpha.")
 @click.option("--modules", help="Comma-separated LoRA target modules (default: every attention and MLP projection).")
-@click.option("--ctx", default=HealSettings.ctx, show_default=True, type=click.IntRange(2),
-              help="Tokens per training window.")
-@click.option("--batch-size", default=HealSettings.batch_size, show_default=True, type=click.IntRange(1))
+@click.option("--ctx", default=HealSettings.ctx, show_default=True, type=int, help="Tokens per training window.")
+@click.option("--batch-size", default=HealSettings.batch_size, show_default=True, type=int)
 @click.option("--seed", default=HealSettings.seed, show_default=True)
-@click.option("--checkpoint-every", default=HealSettings.checkpoint_every, show_default=True, type=click.IntRange(1))
-@click.option("--eval-text", default="wikitext2-test", show_default=True,
+@click.option("--checkpoint-every", default=HealSettings.checkpoint_every, show_default=True, type=int)
+@click.option("--eval-text", default=HealJob.eval_text, show_default=True,
               help="Held-out text for the before/after perplexity.")
-@click.option("--eval-windows", default=4, show_default=True, type=click.IntRange(0),
+@click.option("--eval-windows", default=HealJob.eval_windows, show_default=True, type=int,
               help="Windows of 512 tokens of --eval-text (0 skips measuring).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="Folder for the merged model (adapter/ and healing.json inside).")
-@click.option("--force", is_flag=True, help="Replace an existing --out, and start over from old checkpoints.")
+@click.option("--force", is_flag=True, help="Replace a --out that layerlab wrote, and start over from old checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out>.checkpoints.")
-@click.option("--device", default="cpu", show_default=True)
-def heal(source, plan_text, data, steps, lr, rank, alpha, modules, ctx, batch_size, seed, checkpoint_every, eval_text,
-         eval_windows, out, force, resume, device) -> None:
+def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, rank, alpha, modules, ctx, batch_size,
+         seed, checkpoint_every, eval_text, eval_windows, out, force, resume) -> None:
     """Heal a pruned model: LoRA fine-tune on a text, merge, and write a plain model folder."""
-    import shutil
+    from rich.table import Table
 
-    from .corpora import read_text
-    from .heal import checkpoint_folder, save_healed
-    from .heal import heal as run_heal
-    from .io import check_output
-    from .models import layer_count, load
+    from . import jobs
 
-    check_output(out, folder=True, force=force)
-    checkpoints = checkpoint_folder(out)
-    if not resume:
-        check_output(checkpoints, folder=True, force=force)
-    plan = Plan.load(plan_text, layer_count(source))
-    healing = read_text(data)
-    held_out = read_text(eval_text) if eval_windows else None
-    if held_out == healing:
-        raise LayerlabError(f"--data {data} is the evaluation text; heal on another text (e.g. frankenstein)")
-    settings = HealSettings(steps=steps, lr=lr, rank=rank, alpha=alpha, ctx=ctx, batch_size=batch_size, seed=seed,
-                            checkpoint_every=checkpoint_every,
-                            target_modules=tuple(m.strip() for m in modules.split(",")) if modules else None)
-    model, tokenizer = load(source, device=device)
-    rows = _held_out_rows(model, tokenizer, plan, held_out, eval_windows) if held_out else []
-    result = run_heal(model, tokenizer, healing, plan, settings, checkpoint_dir=checkpoints, resume=resume)
-    if held_out:
-        rows.append(("healed", _perplexity(result.model, tokenizer, held_out, eval_windows)))
-    save_healed(result, tokenizer, out, force)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    training = HealSettings(steps=steps, lr=lr, rank=rank, alpha=alpha, ctx=ctx, batch_size=batch_size, seed=seed,
+                            checkpoint_every=checkpoint_every, target_modules=_names(modules) if modules else None)
+    job = HealJob(_spec(source, dtype, device, trust_remote_code), plan_text, data, training, eval_text, eval_windows,
+                  out, force, resume)
+    outcome = jobs.heal(job)
+    result = outcome.result
     table = Table("model", "layers", f"perplexity ({eval_text}, {eval_windows}x512 tokens)",
-                  title=f"healed {plan.to_text()} on {data}: {steps} steps, loss {result.losses[0]:.3f} -> "
+                  title=f"healed {outcome.plan.to_text()} on {data}: {steps} steps, loss {result.losses[0]:.3f} -> "
                         f"{result.losses[-1]:.3f}, {result.seconds:.0f} s")
-    for name, (layers, ppl) in rows:
+    for name, layers, ppl in outcome.perplexities:
         table.add_row(name, str(layers), f"{ppl:.2f}")
-    console.print(table)
-    console.print(f"merged model written to {out}, adapter to {out}/adapter")
+    _print(table)
+    _print(f"merged model written to {out}, adapter to {out}/adapter")
 
 
-def _held_out_rows(model, tokenizer, plan: Plan, text: str, windows: int) -> list[tuple[str, tuple[int, float]]]:
-    """Perplexity of the original (when the plan removes anything) and the pruned model, before healing."""
-    from .runtime import apply_plan
+@cli.command()
+@model_options
+@click.option("--drop", help=f"Share of layers (or halves) to remove, e.g. 20% or 0.2 (the default is "
+                             f"{DEFAULT_DROP:.0%}).")
+@click.option("--layers", "-r", type=int, help="Number of layers (or halves) to remove instead.")
+@click.option("--target-speedup", type=float,
+              help="Remove until the parameters the plan runs shrink by this factor, instead.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=PruneSettings.granularity, show_default=True)
+@click.option("--calibration", default=PruneSettings.calibration, show_default=True,
+              help="Text for scoring and search.")
+@click.option("--windows", default=PruneSettings.calib_windows, show_default=True, type=int,
+              help="Calibration windows.")
+@click.option("--ctx", default=PruneSettings.calib_ctx, show_default=True, type=int, help="Calibration window tokens.")
+@click.option("--keep", default=PruneSettings.keep, show_default=True, type=float,
+              help="Greedy: share of candidates kept for the next round.")
+@click.option("--ppl-windows", default=QUICK_EVAL.ppl_windows, show_default=True, type=int,
+              help="Evaluation: windows of 512 tokens of wikitext2-test.")
+@click.option("--mc-items", default=QUICK_EVAL.mc_items, show_default=True, type=int,
+              help="Evaluation: HellaSwag rows.")
+@click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
+@click.option("--heal-steps", type=int, help="Healing steps (default: layerlab heal's).")
+@click.option("--export/--no-export", default=PruneSettings.export, show_default=True,
+              help="Write the smaller model to OUT/model.")
+@click.option("--out", "-o", default=PruneJob.out, show_default=True, type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--force", is_flag=True, help="Start over, replacing a run folder that layerlab wrote.")
+def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup, granularity, calibration, windows,
+          ctx, keep, ppl_windows, mc_items, heal, heal_steps, export, out, resume, force) -> None:
+    """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
+    from dataclasses import replace
 
-    chosen = [("original", Plan.identity(plan.num_layers))] if not plan.is_identity else []
-    rows = []
-    for name, p in [*chosen, ("pruned" if chosen else "before", plan)]:
-        with apply_plan(model, p):
-            rows.append((name, _perplexity(model, tokenizer, text, windows)))
-    return rows
+    from .prune import run_prune
+
+    healing = HealSettings() if heal_steps is None else HealSettings(steps=heal_steps)
+    settings = PruneSettings(drop=_share(drop), layers=layers, target_speedup=target_speedup, granularity=granularity,
+                             calibration=calibration, calib_ctx=ctx, calib_windows=windows, keep=keep,
+                             evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, mc_items=mc_items), heal=heal,
+                             heal_settings=healing, export=export)
+    job = PruneJob(_spec(source, dtype, device, trust_remote_code), settings, out, resume, force)
+    try:
+        data = run_prune(job)
+    except KeyboardInterrupt:
+        if (Path(out) / "search.json").is_file():
+            click.echo(f"finished steps are kept in {out}: rerun with --resume to continue", err=True)
+        raise
+    rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
+    _print(_results_table({"rows": rows}))
+    _print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
+           f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
+           f"({data['best_one_shot']['method']}))")
+    if data["exported"]:
+        _print(f"smaller model: {data['exported']}")
+    _print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")
 
 
-def _perplexity(model, tokenizer, text: str, windows: int) -> tuple[int, float]:
-    """(layers, perplexity) over `windows` windows of 512 tokens."""
-    from .arch import num_layers
-    from .evaluate.perplexity import perplexity
+def _share(text: str | None) -> float | None:
+    """`20%` or `0.2` as a share (the range is the settings' to check)."""
+    if text is None:
+        return None
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise SettingsError(f"--drop {text!r} is not a share; write it like 20% or 0.2") from None
 
-    return num_layers(model), perplexity(model, tokenizer, text, ctx=512, max_windows=windows).perplexity
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _none_if_zero(value: int | None) -> int | None:
+    return None if value == 0 else value
 
 
 def _maybe(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
-
-
-@cli.command()
-@model_option()
-@click.option("--drop", help="Share of layers (or halves) to remove, e.g. 20% or 0.2 (the default is 20%).")
-@click.option("--layers", "-r", type=click.IntRange(1), help="Number of layers (or halves) to remove instead.")
-@click.option("--target-speedup", type=click.FloatRange(1, min_open=True),
-              help="Remove until the parameters the plan runs shrink by this factor, instead.")
-@click.option("--granularity", type=click.Choice(["layer", "attn", "mlp", "sublayer"]), default="layer",
-              show_default=True)
-@click.option("--calibration", default="wikitext2-valid", show_default=True, help="Text for scoring and search.")
-@click.option("--windows", default=4, show_default=True, type=click.IntRange(1), help="Calibration windows.")
-@click.option("--ctx", default=256, show_default=True, type=click.IntRange(2), help="Calibration window tokens.")
-@click.option("--keep", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Greedy: share of candidates kept for the next round.")
-@click.option("--ppl-windows", default=8, show_default=True, type=click.IntRange(1),
-              help="Evaluation: windows of 512 tokens of wikitext2-test.")
-@click.option("--mc-items", default=50, show_default=True, type=click.IntRange(1), help="Evaluation: HellaSwag rows.")
-@click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
-@click.option("--heal-steps", type=click.IntRange(1), help="Healing steps (default: layerlab heal's).")
-@click.option("--export/--no-export", default=True, show_default=True, help="Write the smaller model to OUT/model.")
-@click.option("--out", "-o", default="layerlab-prune", show_default=True, type=click.Path(file_okay=False))
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--force", is_flag=True, help="Start over in a non-empty --out.")
-def prune(source, drop, layers, target_speedup, granularity, calibration, windows, ctx, keep, ppl_windows, mc_items,
-          heal, heal_steps, export, out, resume, force) -> None:
-    """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
-    from dataclasses import replace
-
-    from .evaluate.compare import EvalSettings
-    from .heal import HealSettings
-    from .models import load
-    from .prune import QUICK_EVAL, PruneSettings
-    from .prune import prune as run_prune
-
-    if sum(x is not None for x in (drop, layers, target_speedup)) > 1:
-        raise click.UsageError("give at most one of --drop, --layers or --target-speedup")
-    if resume and force:
-        raise click.UsageError("--resume continues a run and --force starts over; give one")
-    evaluation: EvalSettings = replace(QUICK_EVAL, ppl_windows=ppl_windows, mc_items=mc_items)
-    healing = HealSettings() if heal_steps is None else HealSettings(steps=heal_steps)
-    settings = PruneSettings(drop=_share(drop) if layers is None and target_speedup is None else None, layers=layers,
-                             target_speedup=target_speedup, granularity=granularity, calibration=calibration,
-                             calib_ctx=ctx, calib_windows=windows, keep=keep, evaluation=evaluation, heal=heal,
-                             heal_settings=healing, export=export)
-    model, tokenizer = load(source)
-    data = run_prune(model, tokenizer, source, out, settings, resume=resume, force=force)
-    rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
-    console.print(_results_table({"rows": rows}))
-    console.print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
-                  f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
-                  f"({data['best_one_shot']['method']}))")
-    if data["exported"]:
-        console.print(f"smaller model: {data['exported']}")
-    console.print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")
-
-
-def _share(text: str | None) -> float:
-    """`20%` or `0.2` as a share; the default 20 %."""
-    if text is None:
-        return 0.2
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a share; write it like 20% or 0.2", param_hint="--drop") from None
-    if not 0 < value < 1:
-        raise click.BadParameter(f"{text!r} must be between 0 and 100 %", param_hint="--drop")
-    return value
 
 
 @cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -538,10 +511,9 @@ def lm_eval_command(ctx: click.Context) -> None:
 
     Example: layerlab lm-eval run --model layerlab --model_args model=smollm2-135m,plan=skip:24-26 --tasks ...
     """
-    import importlib.util
+    from .errors import require
 
-    if importlib.util.find_spec("lm_eval") is None:
-        raise click.UsageError("lm-evaluation-harness is not installed: pip install 'layerlab[lm-eval]'")
+    require("lm_eval", "lm-eval", "layerlab lm-eval")
     from lm_eval.__main__ import cli_evaluate
 
     import _layerlab_lm_eval
@@ -559,85 +531,123 @@ def plan() -> None:
 @plan.command("show")
 @click.argument("plan_source", metavar="PLAN")
 @click.option("--model", "-m", "source", help="Model whose layer count the plan is checked against.")
-@click.option("--layers", "-l", "num_layers", type=click.IntRange(1), help="Layer count, instead of --model.")
+@click.option("--layers", "-l", "num_layers", type=click.IntRange(1, 100_000), help="Layer count, instead of --model.")
 @click.option("--format", "-f", "fmt", type=click.Choice(PLAN_FORMATS), default="table", show_default=True)
 @click.option("--mergekit-model", default="MODEL", show_default=True, help="Model name written into mergekit slices.")
-def plan_show(plan_source, source, num_layers, fmt, mergekit_model) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Let a model folder's config run its own code.")
+def plan_show(plan_source, source, num_layers, fmt, mergekit_model, trust_remote_code) -> None:
     """Show PLAN (text, or a .json/.yaml file) as a table or in another plan form."""
-    from .models import layer_count
+    import json
 
-    if (source is None) == (num_layers is None):
-        raise click.UsageError("give exactly one of --model or --layers")
-    n = num_layers if num_layers is not None else layer_count(source)
-    parsed = Plan.load(plan_source, n)
+    import yaml
+
+    from .plan import Plan
+
+    parsed = Plan.load(plan_source, _layer_count(source, num_layers, trust_remote_code))
     if fmt == "table":
         _print_plan_table(parsed)
     elif fmt == "text":
         click.echo(parsed.to_text())
     elif fmt == "json":
         click.echo(parsed.to_json())
+    elif fmt == "llm-drop":
+        click.echo(json.dumps(parsed.to_llm_drop()))
+    elif fmt == "llama-cpp":
+        click.echo(json.dumps({"llama_cpp_skip_flags": parsed.to_llama_cpp_flags()}))
     else:
-        import json
+        click.echo(yaml.safe_dump(parsed.to_mergekit(mergekit_model), sort_keys=False).rstrip())
 
-        import yaml
 
-        if fmt == "llm-drop":
-            click.echo(json.dumps(parsed.to_llm_drop()))
-        elif fmt == "llama-cpp":
-            click.echo(json.dumps({"llama_cpp_skip_flags": parsed.to_llama_cpp_flags()}))
-        else:
-            click.echo(yaml.safe_dump(parsed.to_mergekit(mergekit_model), sort_keys=False).rstrip())
+def _layer_count(source: str | None, num_layers: int | None, trust_remote_code: bool) -> int:
+    if (source is None) == (num_layers is None):
+        raise SettingsError("give exactly one of --model or --layers")
+    return num_layers if num_layers is not None else ModelSpec(source, trust_remote_code=trust_remote_code).inspect(
+    ).num_layers
 
 
 @plan.command("to-mergekit")
 @click.argument("plan_source", metavar="PLAN")
-@click.option("--layers", "-l", "num_layers", type=click.IntRange(1), required=True)
+@click.option("--layers", "-l", "num_layers", type=click.IntRange(1, 100_000), required=True)
 @click.option("--model-name", default="MODEL", show_default=True, help="Model written into the slices.")
 def plan_to_mergekit(plan_source, num_layers, model_name) -> None:
     """Print PLAN as a mergekit passthrough config (YAML)."""
     import yaml
 
+    from .plan import Plan
+
     click.echo(yaml.safe_dump(Plan.load(plan_source, num_layers).to_mergekit(model_name), sort_keys=False).rstrip())
 
 
 @plan.command("from-mergekit")
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("--layers", "-l", "num_layers", type=click.IntRange(1), required=True)
+@click.argument("config")
+@click.option("--layers", "-l", "num_layers", type=click.IntRange(1, 100_000), required=True)
 def plan_from_mergekit(config, num_layers) -> None:
-    """Print the plan of a mergekit passthrough CONFIG file in the text form."""
-    from pathlib import Path
+    """Print the plan of a mergekit passthrough CONFIG file (YAML) in the text form."""
+    from .plan import Plan, read_plan_file
 
-    click.echo(Plan.from_mergekit(Path(config).read_text(), num_layers).to_text())
+    click.echo(Plan.from_mergekit(read_plan_file(Path(config)), num_layers).to_text())
 
 
-def _print_plan_table(parsed: Plan) -> None:
+def _print_plan_table(parsed) -> None:
+    from rich.table import Table
+
     table = Table("step", "layer", "attention", "MLP", title=f"plan {parsed.to_text()}")
     for i, step in enumerate(parsed.steps):
         table.add_row(str(i), str(step.layer), "yes" if step.attention else "-", "yes" if step.mlp else "-")
-    console.print(table)
+    _print(table)
     dropped = sorted(set(range(parsed.num_layers)) - set(parsed.layers))
-    console.print(f"{len(parsed.steps)} steps over {parsed.num_layers} layers; "
-                  f"dropped: {','.join(map(str, dropped)) or 'none'}")
+    _print(f"{len(parsed.steps)} steps over {parsed.num_layers} layers; "
+           f"dropped: {','.join(map(str, dropped)) or 'none'}")
 
 
+# ------------------------------------------------------------------------------------------ entry point
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` (staging folders, temporary files) runs."""
 
-def main() -> None:
-    """Entry point: library errors become one line on stderr and exit code 2."""
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 bug, 2 user error, 130 / 143 interrupted).
+
+    `--debug` may stand anywhere on the line (it is taken out before click parses the rest).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG["on"] = "--debug" in args and args[0] != "lm-eval"
+    args = [a for a in args if a != "--debug"] if _DEBUG["on"] else args
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=args, prog_name="layerlab", standalone_mode=False)
+        return 0
     except LayerlabError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        click.echo(f"error: {one_line(exc)}", err=True)
+        return 2
     except click.ClickException as exc:
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} --help')"
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+        click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+        return 2
+    except (click.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            return 143
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if _DEBUG["on"]:
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: unexpected {type(exc).__name__}: {one_line(exc)[:300]} (a bug in layerlab? rerun with "
+                   "--debug for the traceback)", err=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _DEBUG["on"] = False
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

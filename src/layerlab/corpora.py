@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import LayerlabError
+from .errors import DataError
 
 BUNDLED = {
     "wikitext2-test": "wikitext2_test.txt",
@@ -22,10 +22,6 @@ BUNDLED = {
     "frankenstein": "pg84_frankenstein.txt",
     "hellaswag-2k": "hellaswag_val_2k.jsonl",
 }
-
-
-class DataError(LayerlabError):
-    """A data source that cannot be found or read."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +43,24 @@ def resolve(source: str) -> Path:
     return path
 
 
+def check_source(source: str) -> None:
+    """Fail now, with the file's name, if `source` cannot be read later (before any model loads)."""
+    if source.startswith("hf:"):
+        _hub_parts(source)
+        return
+    path = resolve(source)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {source!r}: {exc.strerror}") from None
+    if not data.strip():
+        raise DataError(f"{source!r} is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{source!r} is not UTF-8 text (a binary file?)") from None
+
+
 def read_text(source: str) -> str:
     """The text of a bundled corpus, a file or `hf:DATASET[:CONFIG]:SPLIT[:FIELD]`."""
     if source.startswith("hf:"):
@@ -57,16 +71,18 @@ def read_text(source: str) -> str:
         raise DataError(f"data source {source!r} is not UTF-8 text") from None
 
 
-def _hub_text(source: str) -> str:
+def _hub_parts(source: str) -> tuple[str, str | None, str, str | None]:
+    """(dataset, config, split, field) of `hf:DATASET[:CONFIG]:SPLIT[:FIELD]`."""
     parts = source[3:].split(":")
-    if len(parts) < 2:
+    if len(parts) < 2 or len(parts) > 4 or not all(parts):
         raise DataError(f"hub source {source!r} must look like hf:DATASET[:CONFIG]:SPLIT[:FIELD]")
-    name, config, split, field = parts[0], *([None] * 3)
     if len(parts) == 2:
-        split = parts[1]
-    else:
-        config, split, *rest = parts[1:]
-        field = rest[0] if rest else None
+        return parts[0], None, parts[1], None
+    return parts[0], parts[1], parts[2], parts[3] if len(parts) == 4 else None
+
+
+def _hub_text(source: str) -> str:
+    name, config, split, field = _hub_parts(source)
     try:
         import datasets
 
@@ -80,20 +96,33 @@ def read_choices(source: str, limit: int | None = None) -> list[Choice]:
     """Multiple-choice items from a JSONL file of `{"query", "endings", "label"}` objects."""
     items = []
     path = resolve(source)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                item = Choice(row["query"], tuple(row["endings"]), int(row["label"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise DataError(
-                    f"{path}:{number}: not a multiple-choice row with query, endings, label ({exc})"
-                ) from None
-            if not 0 <= item.label < len(item.endings):
-                raise DataError(f"{path}:{number}: label {item.label} is not an index into its endings")
-            items.append(item)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if limit is not None and len(items) >= limit:
+                    break
+                if line.strip():
+                    items.append(_choice(line, path, number))
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (a binary file?)") from None
+    if not items:
+        raise DataError(f"{path} holds no multiple-choice rows; expected one JSON object per line")
     return items
+
+
+def _choice(line: str, path: Path, number: int) -> Choice:
+    """One JSONL row, or an error naming the file and line."""
+    try:
+        row = json.loads(line)
+        endings = row["endings"]
+        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+            raise ValueError("endings must be a list of at least two strings")
+        if not isinstance(row["query"], str) or isinstance(row["label"], bool):
+            raise ValueError("query must be a string and label an integer")
+        item = Choice(row["query"], tuple(endings), int(row["label"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}:{number}: not a multiple-choice row with query, endings, label "
+                        f"({str(exc)[:100]})") from None
+    if not 0 <= item.label < len(item.endings):
+        raise DataError(f"{path}:{number}: label {item.label} is not an index into its {len(item.endings)} endings")
+    return item

@@ -32,11 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, num_layers
-from .errors import LayerlabError
+from .errors import LayerlabError, ResumeError
 from .evaluate.perplexity import bos_id, encode_text, make_windows
-from .io import atomic_write_bytes
+from .io import check_resumable, own_folder, update_file
 from .plan import Plan
 from .runtime import current_plan
+from .settings import HealSettings
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -47,25 +48,6 @@ ADAPTER = "adapter"
 
 class HealError(LayerlabError):
     """Healing settings or data that cannot work."""
-
-
-@dataclass(frozen=True)
-class HealSettings:
-    """Training settings. The defaults heal SmolLM2-135M minus 6 layers in about 9 minutes on 2 CPU cores
-    (5.1 s per step; 100 steps of 4 x 256 tokens are about one pass over Frankenstein)."""
-
-    steps: int = 100
-    lr: float = 2e-4
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] | None = None  # None: the architecture's row in arch.py
-    ctx: int = 256
-    batch_size: int = 4
-    warmup: int = 10  # linear warm-up steps, then a cosine decay to 10 % of lr
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 20
 
 
 @dataclass
@@ -143,13 +125,15 @@ def heal(
     resume: bool = False,
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    provenance: dict | None = None,
 ) -> HealResult:
     """Fine-tune LoRA adapters on `text` for the model `plan` leaves, and return the merged model.
 
     With no plan (or the identity plan) `model` itself is trained and merged in place; otherwise a
     smaller copy is built and `model` is untouched. With `checkpoint_dir`, a checkpoint is written
     every `settings.checkpoint_every` steps and at the end; `resume=True` continues from it (if there
-    is one), refusing a checkpoint written with other settings, plan or text. `callback(step, loss)`
+    is one), refusing a checkpoint written with other settings, plan, text or `provenance` (the model's
+    fingerprint). `callback(step, loss)`
     runs after every step (and after its checkpoint). Settings default to `HealSettings()`.
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -166,8 +150,8 @@ def heal(
     peft_model = get_peft_model(base, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    fingerprint = _fingerprint(settings, plan, text)
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(settings, plan, text) | (provenance or {})
+    checkpoint = own_folder(checkpoint_dir, "heal-checkpoints") / CHECKPOINT if checkpoint_dir is not None else None
     losses: list[float] = []
     if resume and checkpoint is not None and checkpoint.is_file():
         losses = load_checkpoint(checkpoint, peft_model, optimizer, fingerprint)
@@ -221,7 +205,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: l
 def _fingerprint(settings: HealSettings, plan: Plan, text: str) -> dict:
     """What a checkpoint must match to be resumed: settings, plan and the healing text."""
     return {"settings": asdict(settings), "plan": plan.to_text(),
-            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+            "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
@@ -234,20 +218,22 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if model.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(model.device)
     metadata = {"fingerprint": json.dumps(fingerprint, sort_keys=True), "losses": json.dumps(losses)}
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata), force=True)
+    update_file(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict) -> list[float]:
     """Restore what `save_checkpoint` wrote; return the losses so far (their count is the step)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-    saved = json.loads(metadata["fingerprint"])
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        saved = json.loads(metadata["fingerprint"])
+    except Exception as exc:  # safetensors raises its own error type for a torn or foreign file
+        raise ResumeError(f"{path} is not a healing checkpoint layerlab can resume ({type(exc).__name__}); "
+                          "start over with --force") from None
     expected = json.loads(json.dumps(fingerprint, sort_keys=True))  # tuples become lists, as saved
-    if saved != expected:
-        raise HealError(f"the checkpoint in {path.parent} was written {_difference(saved, expected)}; "
-                        "rerun with the same settings, or without --resume (and with --force) to start over")
+    check_resumable(_flat(saved), _flat(expected), f"the checkpoint in {path.parent}")
     tensors = load_file(str(path), device=str(model.device))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -265,14 +251,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return json.loads(metadata["losses"])
 
 
-def _difference(saved: dict, expected: dict) -> str:
-    """The first setting that differs, in words."""
-    flat_saved = saved["settings"] | {k: v for k, v in saved.items() if k != "settings"}
-    flat_expected = expected["settings"] | {k: v for k, v in expected.items() if k != "settings"}
-    for key, value in flat_expected.items():
-        if flat_saved.get(key) != value:
-            return f"with {key}={flat_saved.get(key)!r}, but this run has {key}={value!r}"
-    return "by another run"
+def _flat(fingerprint: dict) -> dict:
+    """Settings and provenance in one mapping, so a difference is named by its setting."""
+    return fingerprint.get("settings", {}) | {k: v for k, v in fingerprint.items() if k != "settings"}
 
 
 def save_healed(result: HealResult, tokenizer, out: str | Path, force: bool = False) -> Path:

@@ -51,7 +51,7 @@ from transformers.cache_utils import (
 from .arch import arch_of, get_path
 from .errors import LayerlabError
 from .evaluate.perplexity import PerplexityResult, bos_id, encode_text, logits_nll, make_windows
-from .runtime import cache_argument
+from .runtime import EmptySlot, cache_argument
 
 SCALE_DTYPE = torch.float16
 
@@ -247,9 +247,9 @@ def _quantize_layers(cache: Cache, bits: int) -> None:
 
 def _fresh_dynamic(cache: Cache) -> bool:
     """A DynamicCache nothing has been written to, whose layers are transformers' plain ones."""
-    return type(cache) is DynamicCache and all(
-        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer, DummyLayer) and not (
-            isinstance(layer, DynamicLayer) and layer.is_initialized) for layer in cache.layers)
+    return type(cache) is DynamicCache and all(isinstance(layer, DummyLayer) or (
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not layer.is_initialized)
+        for layer in cache.layers)
 
 
 def _use_cache_type(module: nn.Module, args: tuple, kwargs: dict, *, settings: CacheSettings, config) -> tuple:
@@ -264,7 +264,7 @@ def _use_cache_type(module: nn.Module, args: tuple, kwargs: dict, *, settings: C
         cache.layers = settings.new_cache(config).layers
         cache.layer_class_to_replicate = None
         for i in dummies:
-            cache.layers[i] = DummyLayer()
+            cache.layers[i] = EmptySlot(cache)
     return args, kwargs
 
 

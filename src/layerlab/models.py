@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .io import temporary_folder
+from .errors import ModelLoadError, one_line
+from .io import MANIFEST, temporary_folder, usual_permissions
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,27 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model source is, read without loading its weights (`inspect_model`)."""
+
+    source: str
+    path: Path | str  # the folder or .gguf file (a hub id stays a string)
+    num_layers: int
+    model_type: str
+    fingerprint: dict  # what resumable artifacts record, to refuse resuming with another model
+
+    @property
+    def input_paths(self) -> list[Path]:
+        """Local paths that outputs must never replace (the model file or folder)."""
+        return [self.path] if isinstance(self.path, Path) else []
+
+
 def resolve_source(source: str) -> Path | str:
     """A local folder or .gguf path for `source`, or the string itself for a hub id."""
     if source in EMBEDDED:
@@ -97,8 +118,11 @@ def resolve_source(source: str) -> Path | str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"folder {source!r} has no config.json; is it a Hugging Face model folder?")
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise ModelLoadError(f"folder {source!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])})"
+                                 "; export or copy the complete model folder")
         return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
         raise ModelLoadError(
             f"model {source!r} is not a Hugging Face folder, a .gguf file or an embedded model "
             f"({', '.join(EMBEDDED)})"
@@ -113,18 +137,33 @@ def converted_folder(gguf: Path) -> Path:
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
+def gguf_header(gguf: Path) -> tuple[str, int]:
+    """(architecture, block count) from a GGUF file's metadata; a clear error for a file that is not one."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(gguf)).fields
+        arch = fields["general.architecture"].contents()
+        return arch, int(fields[f"{arch}.block_count"].contents())
+    except Exception as exc:  # gguf raises ValueError, KeyError, struct and numpy errors on bad files
+        raise ModelLoadError(f"{gguf} is not a readable GGUF file ({type(exc).__name__}: "
+                             f"{one_line(exc)[:120]}); is it complete?") from None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a cached Hugging Face folder once; return the folder."""
     target = converted_folder(gguf)
     if (target / "config.json").is_file():
         return target
+    gguf_header(gguf)  # a clear error for a file that is not a GGUF before transformers tries
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds for unreadable files
-        raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {one_line(exc)[:200]}") from None
     # The weights are already dequantized float tensors: save them as a plain model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -135,6 +174,7 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "layerlab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        usual_permissions(staging)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").is_file():  # another process may have won the race
@@ -142,6 +182,23 @@ def convert_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine's torch cannot use, before anything loads."""
+    import re
+
+    match = re.fullmatch(r"(cpu|mps|auto|cuda)(?::(\d{1,3}))?", device)
+    if not match or (match.group(2) and match.group(1) != "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+    kind, index = match.group(1), int(match.group(2) or 0)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu")
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
 def _device_kwargs(device: str) -> dict:
@@ -159,26 +216,25 @@ def load(
     """Load `(model, tokenizer)` from a folder, hub id, .gguf file or embedded model name.
 
     `device` is `cpu`, `cuda`, `cuda:N`, `mps` or `auto` (accelerate's `device_map="auto"`, which
-    shards models larger than one device). The model is returned in eval mode.
+    shards models larger than one device). The model is returned in eval mode. A folder's own code
+    (`auto_map`) runs only with `trust_remote_code=True`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
+        dtype = parse_dtype(dtype)
+    check_device(device)
     resolved = resolve_source(source)
     if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
         resolved = convert_gguf(resolved)
+    tokenizer = load_tokenizer(str(resolved), trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
         with _quiet_if_dropped(resolved):
             model = AutoModelForCausalLM.from_pretrained(
                 str(resolved), dtype=dtype, trust_remote_code=trust_remote_code, **_device_kwargs(device)
             )
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load model {source!r}: {str(exc).splitlines()[0]} "
-            "(no hub access? use a local folder, a .gguf file or an embedded model)"
-        ) from None
+    except Exception as exc:  # the user's files enter here: OSError, ValueError, safetensors and json errors
+        raise _load_error(source, exc) from None
     text = model.config.get_text_config(decoder=True)
     drop_attn, drop_mlp = getattr(text, "drop_attn_list", None), getattr(text, "drop_mlp_list", None)
     if (drop_attn or drop_mlp) and not type(model).__name__.startswith("LayerlabDrop"):
@@ -192,6 +248,34 @@ def load(
 
         share_kv(model, parse_kv_sources(kv_sources))
     return model.eval(), tokenizer
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The tokenizer of a model source, without its weights (a GGUF file is converted once, as `load` does)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
+        resolved = convert_gguf(resolved)
+    try:
+        return AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # the user's files enter here
+        raise _load_error(source, exc) from None
+
+
+def _load_error(source: str, exc: Exception) -> ModelLoadError:
+    """One line that says what is wrong with a model source, and what to do."""
+    message = one_line(exc)
+    if "trust_remote_code" in message:
+        return ModelLoadError(f"model {source!r} asks to run its own code (auto_map in its config.json); "
+                              "pass --trust-remote-code (trust_remote_code=True) only if you trust it")
+    if "does not recognize this architecture" in message or "model type" in message.lower():
+        model_type = message.split("model type `")[1].split("`")[0] if "model type `" in message else "?"
+        return ModelLoadError(f"model {source!r} has model_type {model_type!r}, which transformers does not know; "
+                              "check config.json (a typo?) or upgrade transformers")
+    if isinstance(exc, OSError) and "hub" not in message.lower() and not Path(source).exists():
+        message += " (no hub access? use a local folder, a .gguf file or an embedded model)"
+    return ModelLoadError(f"cannot load model {source!r}: {type(exc).__name__}: {message[:300]}")
 
 
 @contextlib.contextmanager
@@ -212,28 +296,67 @@ def _quiet_if_dropped(folder: Path | str):
         logging.set_verbosity(level)
 
 
-def layer_count(source: str) -> int:
-    """How many decoder layers a model has, read from its config or GGUF metadata (no weights)."""
-    resolved = resolve_source(source)
-    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
-        if (converted_folder(resolved) / "config.json").is_file():
-            resolved = converted_folder(resolved)
-        else:
-            from gguf import GGUFReader
-
-            fields = GGUFReader(str(resolved)).fields
-            arch = bytes(fields["general.architecture"].parts[-1]).decode()
-            return int(fields[f"{arch}.block_count"].parts[-1][0])
+def read_config(source: str, resolved: Path | str, trust_remote_code: bool = False):
+    """A model's config, without weights; every failure is a one-line ModelLoadError."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(resolved))
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read the config of {source!r}: {str(exc).splitlines()[0]}") from None
-    return config.get_text_config(decoder=True).num_hidden_layers
+        return AutoConfig.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError (unknown model_type, remote code), JSON errors
+        raise _load_error(source, exc) from None
 
 
-def _parse_dtype(name: str) -> torch.dtype:
+def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
+    """Layer count, architecture and fingerprint of a model source, read from its config or GGUF metadata.
+
+    No weights load, so commands check plans and settings against the model before any work. An
+    architecture layerlab has no row for is refused here, with the same message a load would give.
+    """
+    from .arch import ARCHITECTURES, unsupported
+
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
+        arch, blocks = gguf_header(resolved)
+        folder = converted_folder(resolved)
+        model_type = read_config(source, folder).model_type if (folder / "config.json").is_file() else arch
+        model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
+        if model_type not in ARCHITECTURES:
+            raise unsupported(model_type)
+        return ModelInfo(source, resolved, blocks, model_type, fingerprint(resolved))
+    config = read_config(source, resolved, trust_remote_code)
+    text = config.get_text_config(decoder=True)
+    if text.model_type not in ARCHITECTURES:
+        raise unsupported(text.model_type)
+    return ModelInfo(source, resolved, int(text.num_hidden_layers), text.model_type,
+                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved})
+
+
+def layer_count(source: str, trust_remote_code: bool = False) -> int:
+    """How many decoder layers a model has, read from its config or GGUF metadata (no weights)."""
+    return inspect_model(source, trust_remote_code).num_layers
+
+
+def fingerprint(path: Path) -> dict:
+    """A cheap content fingerprint of a model file or folder: sizes and hashes of each file's ends.
+
+    Reading a 1 GB file whole would take seconds on every resume; its size and its first and last MiB
+    change with any re-export, re-quantization or truncation, which is what a resume must notice.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}|{size}|".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(2**20))
+            if size > 2**21:
+                handle.seek(-(2**20), os.SEEK_END)
+                digest.update(handle.read())
+    return {"name": path.name, "sha256_ends": digest.hexdigest()[:32]}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A torch dtype from its name (`float32`, `bf16`, ...)."""
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in names:

@@ -39,10 +39,23 @@ import yaml
 
 from .errors import PlanError
 
-_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?:/(\d+))?)?(?:x(\d+))?(?:\.(attn|mlp))?$")
+_ITEM = re.compile(r"^(\d{1,6})(?:-(\d{1,6})(?:/(\d{1,6}))?)?(?:x(\d{1,6}))?(?:\.(attn|mlp))?$")
 _CLAUSE_SPLIT = re.compile(r";|\s+(?=[a-z-]+:)")
 _KEYWORDS = ("skip", "attn-skip", "mlp-skip", "kv")
 _ITEM_HELP = "expected N, N-M, N-M/S, an optional xK repeat and an optional .attn or .mlp"
+MAX_STEPS_PER_LAYER = 16  # a plan runs at most 16 x num_layers steps: repeats beyond that are a typo
+MAX_PLAN_FILE_BYTES = 1 << 20
+PLAN_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+_FORMS = {  # structured forms: the key that names each, and every key it allows
+    "steps": {"num_layers", "steps"},
+    "drop_attn_list": {"drop_attn_list", "drop_mlp_list", "num_layers"},
+    "drop_mlp_list": {"drop_attn_list", "drop_mlp_list", "num_layers"},
+    "llama_cpp_skip_flags": {"llama_cpp_skip_flags"},
+    "slices": {"slices", "merge_method", "dtype", "base_model", "tokenizer_source", "tokenizer", "parameters",
+               "chat_template", "out_dtype", "name"},
+    "plan": {"plan", "num_layers"},
+}
+_STEP_KEYS = ("layer", "attention", "mlp")
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,9 @@ class Plan:
             raise PlanError(f"a plan needs a model with at least one layer, got num_layers={self.num_layers}")
         if not self.steps:
             raise PlanError("the plan is empty: keep at least one layer (for example 'all' or '0-3')")
+        if len(self.steps) > MAX_STEPS_PER_LAYER * self.num_layers:
+            raise PlanError(f"the plan runs {len(self.steps)} steps, more than {MAX_STEPS_PER_LAYER} x the model's "
+                            f"{self.num_layers} layers; lower the repeat counts")
         for i, step in enumerate(self.steps):
             if not 0 <= step.layer < self.num_layers:
                 raise PlanError(
@@ -82,6 +98,8 @@ class Plan:
                 )
             if not (step.attention or step.mlp):
                 raise PlanError(f"step {i} (layer {step.layer}) runs neither attention nor MLP; drop the step")
+        if not any(step.attention for step in self.steps):
+            raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
         object.__setattr__(self, "kv", _checked_kv(self.kv, self.steps, self.num_layers))
 
     # ----------------------------------------------------------------------------------- builders
@@ -97,39 +115,44 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], num_layers: int) -> Plan:
-        """Build from a JSON / YAML mapping in any of the structured forms, recognised by its keys."""
+        """Build from a JSON / YAML mapping in any of the structured forms, recognised by its keys.
+
+        Each form allows only its own keys: a misspelt or unknown key is an error naming the allowed ones.
+        """
         if not isinstance(data, dict):
             raise PlanError("a plan file must hold a mapping (JSON object or YAML mapping)")
         if "kv_sources" in data:
             rest = {key: value for key, value in data.items() if key != "kv_sources"}
             return cls.from_dict(rest, num_layers).with_kv(parse_kv_sources(data["kv_sources"]))
-        if "steps" in data:
+        form = next((key for key in _FORMS if key in data), None)
+        if form is None:
+            raise PlanError(f"unknown plan mapping with keys {_keys(data)}: expected a 'steps', 'drop_attn_list'/"
+                            "'drop_mlp_list', 'llama_cpp_skip_flags', 'slices' or 'plan' key")
+        unknown = [key for key in data if key not in _FORMS[form]]
+        if unknown:
+            raise PlanError(f"unknown key {_show(unknown[0])} in a {form!r} plan; allowed: "
+                            f"{', '.join(sorted(_FORMS[form]))}")
+        declared = data.get("num_layers", num_layers)
+        if declared != num_layers or isinstance(declared, bool):
+            raise PlanError(f"the plan was written for {_show(declared)} layers, but the model has {num_layers}")
+        if form == "steps":
             return _from_json(data, num_layers)
-        if "drop_attn_list" in data or "drop_mlp_list" in data:
+        if form in ("drop_attn_list", "drop_mlp_list"):
             return cls.from_llm_drop(data.get("drop_attn_list", []), data.get("drop_mlp_list", []), num_layers)
-        if "llama_cpp_skip_flags" in data:
-            return cls.from_llama_cpp_flags(data["llama_cpp_skip_flags"])
-        if "slices" in data:
+        if form == "llama_cpp_skip_flags":
+            return cls.from_llama_cpp_flags(data["llama_cpp_skip_flags"], num_layers)
+        if form == "slices":
             return cls.from_mergekit(data, num_layers)
-        if "plan" in data:
-            return cls.parse(str(data["plan"]), num_layers)
-        raise PlanError(
-            "unknown plan mapping: expected a 'steps', 'drop_attn_list'/'drop_mlp_list', "
-            "'llama_cpp_skip_flags', 'slices' or 'plan' key"
-        )
+        if not isinstance(data["plan"], str):
+            raise PlanError(f"'plan' must be plan text such as 'skip:24-26', got {_show(data['plan'])}")
+        return cls.parse(data["plan"], num_layers)
 
     @classmethod
     def load(cls, source: str, num_layers: int) -> Plan:
         """A plan from text, or from a .json / .yaml / .yml file holding a structured form."""
         path = Path(source)
-        if path.suffix.lower() in (".json", ".yaml", ".yml"):
-            if not path.is_file():
-                raise PlanError(f"plan file {source!r} does not exist")
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                raise PlanError(f"plan file {source!r} is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
-            return cls.from_dict(data, num_layers)
+        if path.suffix.lower() in PLAN_FILE_SUFFIXES:
+            return cls.from_dict(read_plan_file(path), num_layers)
         return cls.parse(source, num_layers)
 
     @classmethod
@@ -142,12 +165,15 @@ class Plan:
         return cls(tuple(s for s in steps if s.attention or s.mlp), num_layers)
 
     @classmethod
-    def from_llama_cpp_flags(cls, flags: Iterable[int]) -> Plan:
+    def from_llama_cpp_flags(cls, flags: Iterable[int], num_layers: int | None = None) -> Plan:
         """One integer per layer: 0 runs it, 1 skips attention, 2 skips the MLP, 3 drops the layer."""
-        flags = list(flags)
+        flags = _int_list(flags, "llama_cpp_skip_flags")
+        if num_layers is not None and len(flags) != num_layers:
+            raise PlanError(f"llama_cpp_skip_flags has {len(flags)} entries, but the model has {num_layers} layers: "
+                            "give one flag per layer")
         for i, flag in enumerate(flags):
             if flag not in (0, 1, 2, 3):
-                raise PlanError(f"llama.cpp skip flag {flag!r} for layer {i} must be 0, 1, 2 or 3")
+                raise PlanError(f"llama.cpp skip flag {_show(flag)} for layer {i} must be 0, 1, 2 or 3")
         steps = [Step(i, not flag & 1, not flag & 2) for i, flag in enumerate(flags)]
         return cls(tuple(s for s in steps if s.attention or s.mlp), len(flags))
 
@@ -155,25 +181,28 @@ class Plan:
     def from_mergekit(cls, config: dict[str, Any] | str, num_layers: int) -> Plan:
         """A mergekit passthrough config (mapping or YAML text) whose slices all use one model."""
         if isinstance(config, str):
-            config = yaml.safe_load(config)
+            try:
+                config = yaml.safe_load(config)
+            except yaml.YAMLError as exc:
+                raise PlanError(f"the mergekit config is not valid YAML: {_first_line(exc)}") from None
+            except RecursionError:
+                raise PlanError("the mergekit config is nested too deeply to be a plan") from None
+        if not isinstance(config, dict) or not isinstance(config.get("slices"), list) or not config["slices"]:
+            raise PlanError("a mergekit passthrough config needs a non-empty 'slices' list")
         method = config.get("merge_method", "passthrough")
         if method != "passthrough":
-            raise PlanError(f"mergekit merge_method {method!r} is not a layer plan; only 'passthrough' is")
+            raise PlanError(f"mergekit merge_method {_show(method)} is not a layer plan; only 'passthrough' is")
         steps: list[Step] = []
         models = set()
-        for i, piece in enumerate(config.get("slices") or []):
-            sources = piece.get("sources") or []
-            if len(sources) != 1:
-                raise PlanError(f"mergekit slice {i} has {len(sources)} sources; passthrough needs exactly one")
-            models.add(sources[0].get("model"))
-            start, end = sources[0]["layer_range"]
-            if not 0 <= start < end <= num_layers:
-                raise PlanError(
-                    f"mergekit slice {i} layer_range [{start}, {end}] is outside 0..{num_layers} (end is exclusive)"
-                )
+        for i, piece in enumerate(config["slices"]):
+            source = _mergekit_source(piece, i)
+            models.add(str(source.get("model")))
+            start, end = _layer_range(source.get("layer_range"), i, num_layers)
+            if len(steps) + end - start > MAX_STEPS_PER_LAYER * num_layers:
+                raise PlanError(f"the mergekit slices run more than {MAX_STEPS_PER_LAYER} x {num_layers} layers")
             steps.extend(Step(layer) for layer in range(start, end))
         if len(models) > 1:
-            raise PlanError(f"mergekit slices use several models {sorted(map(str, models))}; a plan uses one")
+            raise PlanError(f"mergekit slices use several models {sorted(models)}; a plan uses one")
         return cls(tuple(steps), num_layers)
 
     # ----------------------------------------------------------------------------------- printers
@@ -265,6 +294,8 @@ class Plan:
 
 # --------------------------------------------------------------------------------------- parsing
 def _parse_text(text: str, num_layers: int) -> Plan:
+    if not isinstance(text, str) or len(text) > 100_000:
+        raise PlanError(f"plan text must be a string of at most 100,000 characters, got {_show(text)}")
     clauses = [c.strip() for c in _CLAUSE_SPLIT.split(text.strip()) if c.strip()]
     if not clauses:
         raise PlanError("the plan text is empty: write for example 'all', '0-23,27-31' or 'skip:24-26'")
@@ -278,7 +309,8 @@ def _parse_text(text: str, num_layers: int) -> Plan:
         if colon:
             if keyword not in _KEYWORDS:
                 raise PlanError(
-                    f"unknown plan clause {keyword + ':'!r} in {text!r}; known: skip:, attn-skip:, mlp-skip:, kv:"
+                    f"unknown plan clause {_show(keyword + ':')} in {_show(text)}; "
+                    "known: skip:, attn-skip:, mlp-skip:, kv:"
                 )
             if keyword == "kv":
                 kv += _parse_kv(body, num_layers, text)
@@ -286,7 +318,7 @@ def _parse_text(text: str, num_layers: int) -> Plan:
             layers = {s.layer for s in _parse_sequence(body, num_layers, text, allow_suffix=False)}
             {"skip": removed, "attn-skip": no_attn, "mlp-skip": no_mlp}[keyword].update(layers)
         elif sequence is not None:
-            raise PlanError(f"plan {text!r} has two layer sequences; join them with ',' into one")
+            raise PlanError(f"plan {_show(text)} has two layer sequences; join them with ',' into one")
         else:
             sequence = _parse_sequence(clause, num_layers, text, allow_suffix=True)
     if sequence is None:
@@ -298,7 +330,7 @@ def _parse_text(text: str, num_layers: int) -> Plan:
     ]
     steps = [s for s in steps if s.attention or s.mlp]
     if not steps:
-        raise PlanError(f"plan {text!r} leaves no layer to run; keep at least one")
+        raise PlanError(f"plan {_show(text)} leaves no layer to run; keep at least one")
     return Plan(tuple(steps), num_layers, tuple(kv))
 
 
@@ -309,7 +341,7 @@ def _parse_sequence(body: str, num_layers: int, text: str, allow_suffix: bool) -
     for token in (t.strip() for t in body.split(",")):
         match = _ITEM.match(token)
         if not match or (match.group(5) and not allow_suffix):
-            raise PlanError(f"bad plan token {token!r} in {text!r}: {_ITEM_HELP}")
+            raise PlanError(f"bad plan token {_show(token)} in {_show(text)}: {_ITEM_HELP}")
         start, end, stride, repeat, half = match.groups()
         start = int(start)
         end = start if end is None else int(end)
@@ -322,37 +354,125 @@ def _parse_sequence(body: str, num_layers: int, text: str, allow_suffix: bool) -
         stride = int(stride or 1)
         repeat = int(repeat or 1)
         if stride < 1 or repeat < 1:
-            raise PlanError(f"bad plan token {token!r} in {text!r}: stride and repeat count must be at least 1")
+            raise PlanError(f"bad plan token {token!r} in {_show(text)}: stride and repeat count must be at least 1")
         direction = 1 if end >= start else -1
         block = list(range(start, end + direction, direction * stride))
+        if len(steps) + len(block) * repeat > MAX_STEPS_PER_LAYER * num_layers:
+            raise PlanError(f"plan token {token!r} makes the plan longer than {MAX_STEPS_PER_LAYER} x the model's "
+                            f"{num_layers} layers; lower the repeat count")
         steps.extend(Step(layer, half != "mlp", half != "attn") for layer in block * repeat)
     return steps
 
 
 def _check_indices(values: Iterable[int], num_layers: int, name: str) -> set[int]:
     indices = set()
-    for value in values:
-        if not isinstance(value, int) or not 0 <= value < num_layers:
-            raise PlanError(f"{name} entry {value!r} is not a layer index in 0-{num_layers - 1}")
+    for value in _int_list(values, name):
+        if not 0 <= value < num_layers:
+            raise PlanError(f"{name} entry {_show(value)} is not a layer index in 0-{num_layers - 1}")
         indices.add(value)
     return indices
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(values: Any, name: str) -> list[int]:
+    """A list of plain integers (not booleans, strings or floats), or an error naming the bad entry."""
+    if not isinstance(values, (list, tuple)):
+        raise PlanError(f"{name} must be a list of integers, got {_show(values)}")
+    for value in values:
+        if not _is_int(value):
+            raise PlanError(f"{name} entry {_show(value)} is not an integer")
+    return list(values)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A value for an error message, cut short: a 120,000-digit number must not become the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _keys(data: dict) -> str:
+    return ", ".join(_show(k, 20) for k in list(data)[:6]) or "none"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def read_plan_file(path: Path) -> Any:
+    """The mapping in a .json / .yaml plan file; any unreadable file is a one-line PlanError."""
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} does not exist" if not path.exists()
+                        else f"plan file {str(path)!r} is not a file")
+    if path.stat().st_size > MAX_PLAN_FILE_BYTES:
+        raise PlanError(f"plan file {str(path)!r} is larger than {MAX_PLAN_FILE_BYTES >> 20} MiB; is it a plan?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"plan file {str(path)!r} is not UTF-8 text (a binary file?)") from None
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror}") from None
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise PlanError(f"plan file {str(path)!r} is not valid {kind}: {_first_line(exc)}") from None
+    except RecursionError:
+        raise PlanError(f"plan file {str(path)!r} is nested too deeply to be a plan") from None
+
+
+def _mergekit_source(piece: Any, i: int) -> dict:
+    """The one source of a passthrough slice."""
+    if not isinstance(piece, dict) or set(piece) - {"sources", "parameters"}:
+        raise PlanError(f"mergekit slice {i} must be a mapping with a 'sources' list, got {_show(piece)}")
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
+        count = len(sources) if isinstance(sources, list) else 0
+        raise PlanError(f"mergekit slice {i} has {count} sources; passthrough needs exactly one")
+    unknown = set(sources[0]) - {"model", "layer_range", "parameters"}
+    if unknown:
+        raise PlanError(f"unknown key {_show(sorted(map(str, unknown))[0])} in mergekit slice {i}; "
+                        "allowed: model, layer_range, parameters")
+    return sources[0]
+
+
+def _layer_range(value: Any, i: int, num_layers: int) -> tuple[int, int]:
+    """A slice's `[start, end)` layer range, checked against the model."""
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise PlanError(f"mergekit slice {i} needs layer_range: [start, end] with two integers, got {_show(value)}")
+    start, end = value
+    if not 0 <= start < end <= num_layers:
+        raise PlanError(f"mergekit slice {i} layer_range [{start}, {end}] is outside 0..{num_layers} or reversed "
+                        "(end is exclusive and must be larger than start)")
+    return start, end
+
+
 def _from_json(data: dict[str, Any], num_layers: int) -> Plan:
-    declared = data.get("num_layers", num_layers)
-    if declared != num_layers:
-        raise PlanError(f"the plan was written for {declared} layers, but the model has {num_layers}")
-    steps = []
-    for i, raw in enumerate(data["steps"]):
-        if isinstance(raw, int):
-            steps.append(Step(raw))
-        elif isinstance(raw, dict) and isinstance(raw.get("layer"), int):
-            steps.append(Step(raw["layer"], bool(raw.get("attention", True)), bool(raw.get("mlp", True))))
-        else:
-            raise PlanError(
-                f"plan step {i} {raw!r} must be a layer index or {{'layer': N, 'attention': .., 'mlp': ..}}"
-            )
-    return Plan(tuple(steps), num_layers)
+    raw_steps = data["steps"]
+    if not isinstance(raw_steps, list):
+        raise PlanError(f"'steps' must be a list of steps, got {_show(raw_steps)}")
+    if len(raw_steps) > MAX_STEPS_PER_LAYER * num_layers:
+        raise PlanError(f"the plan lists {len(raw_steps)} steps, more than {MAX_STEPS_PER_LAYER} x the model's "
+                        f"{num_layers} layers")
+    return Plan(tuple(_json_step(raw, i) for i, raw in enumerate(raw_steps)), num_layers)
+
+
+def _json_step(raw: Any, i: int) -> Step:
+    """One step of the JSON form: a layer index, or a mapping with exactly the step keys and true booleans."""
+    if _is_int(raw):
+        return Step(raw)
+    if not isinstance(raw, dict) or not _is_int(raw.get("layer")):
+        raise PlanError(f"plan step {i} {_show(raw)} must be a layer index or "
+                        "{'layer': N, 'attention': true/false, 'mlp': true/false}")
+    unknown = [key for key in raw if key not in _STEP_KEYS]
+    if unknown:
+        raise PlanError(f"plan step {i} has unknown key {_show(unknown[0])}; allowed: {', '.join(_STEP_KEYS)}")
+    for key in ("attention", "mlp"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise PlanError(f"plan step {i} has {key}: {_show(raw[key])}; write true or false (JSON booleans)")
+    return Step(raw["layer"], raw.get("attention", True), raw.get("mlp", True))
 
 
 # --------------------------------------------------------------------------------------- printing
@@ -428,7 +548,7 @@ def unique_plans(plans: list[Plan]) -> list[Plan]:
 
 
 # --------------------------------------------------------------------------------------- KV sources
-_KV_ITEM = re.compile(r"^(\d+)(?:-(\d+))?<-(\d+)$")
+_KV_ITEM = re.compile(r"^(\d{1,6})(?:-(\d{1,6}))?<-(\d{1,6})$", re.ASCII)
 
 
 def _parse_kv(body: str, num_layers: int, text: str) -> list[tuple[int, int]]:
@@ -437,28 +557,37 @@ def _parse_kv(body: str, num_layers: int, text: str) -> list[tuple[int, int]]:
     for token in (t.strip() for t in body.split(",")):
         match = _KV_ITEM.match(token)
         if not match:
-            raise PlanError(f"bad kv item {token!r} in {text!r}: expected C<-S or A-B<-S (layer C reads layer S's KV)")
+            raise PlanError(f"bad kv item {_show(token)} in {_show(text)}: expected C<-S or A-B<-S "
+                            "(layer C reads layer S's keys and values)")
         first, last, source = int(match[1]), int(match[2] or match[1]), int(match[3])
         for layer in (first, last, source):
             if layer >= num_layers:
-                raise PlanError(f"kv item {token!r} names layer {layer}, but the model has {num_layers} layers "
+                raise PlanError(f"kv item {_show(token)} names layer {layer}, but the model has {num_layers} layers "
                                 f"(0-{num_layers - 1})")
         pairs += [(consumer, source) for consumer in range(min(first, last), max(first, last) + 1)]
     return pairs
 
 
 def parse_kv_sources(data: Any) -> list[tuple[int, int]]:
-    """`kv_sources` of a plan file or an exported config: {consumer: source} (keys may be strings) or pairs."""
-    items = data.items() if isinstance(data, dict) else data
+    """`kv_sources` of a plan file or an exported config: {consumer: source} (JSON keys are strings) or pairs."""
+    items = data.items() if isinstance(data, dict) else data if isinstance(data, list) else None
     pairs = []
-    try:
-        for consumer, source in items:
-            if isinstance(source, bool) or not isinstance(source, int):
-                raise TypeError
-            pairs.append((int(consumer), source))
-    except (TypeError, ValueError):
-        raise PlanError(f"kv_sources {data!r} must map consumer layers to source layers, e.g. {{\"19\": 18}}") from None
+    for item in items if items is not None else [None]:
+        pair = tuple(item) if isinstance(item, (list, tuple)) and len(item) == 2 else None
+        if pair is None or not all(_layer_key(v) is not None for v in pair):
+            raise PlanError(f"kv_sources {_show(data)} must map consumer layers to source layers, "
+                            'e.g. {"19": 18}')
+        pairs.append((_layer_key(pair[0]), _layer_key(pair[1])))
     return pairs
+
+
+def _layer_key(value: Any) -> int | None:
+    """A layer index given as an integer or (a JSON object key) a short string of ASCII digits."""
+    if _is_int(value):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
+        return int(value)
+    return None
 
 
 def _checked_kv(pairs: Iterable[tuple[int, int]], steps: tuple[Step, ...], num_layers: int) -> tuple:

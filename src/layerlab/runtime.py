@@ -114,8 +114,6 @@ class AppliedPlan:
         self._check_free()
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
-        if not any(step.attention for step in plan.steps):
-            raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
         check_kv(self.model, plan)
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
         self.kv_channel = KVChannel()
@@ -276,8 +274,24 @@ def _prepare_cache(
                 cache.layers.append(cache.layer_class_to_replicate())
         for i in skipped:
             if not isinstance(cache.layers[i], DummyLayer):
-                cache.layers[i] = DummyLayer()
+                cache.layers[i] = EmptySlot(cache)
     return args, kwargs
+
+
+class EmptySlot(DummyLayer):
+    """An empty cache slot that still answers how many tokens were seen.
+
+    transformers asks slot 0 for the past length; when step 0 runs no attention (or reads another
+    layer's keys and values) its slot stores nothing, so it answers for the first slot that stores.
+    """
+
+    def __init__(self, cache: Cache):
+        super().__init__()
+        self._cache = cache
+
+    def get_seq_length(self) -> int:
+        stored = (layer for layer in self._cache.layers if not isinstance(layer, DummyLayer))
+        return next((layer.get_seq_length() for layer in stored), 0)
 
 
 def cache_argument(module: nn.Module, kwargs: dict) -> str:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import nullcontext
@@ -28,15 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers, get_path
-from .errors import LayerlabError, PlanError
+from .errors import LayerlabError, PlanError, ResumeError
 from .evaluate.perplexity import Window, calibration_windows, logits_nll, scored_tokens, window_nll
 from .evaluate.speed import parameter_bytes
-from .io import atomic_write_text
+from .io import PRODUCER, check_resumable, update_file
 from .metrics.similarity import Similarity
 from .plan import Plan, Step
 from .runtime import apply_plan
-
-GRANULARITIES = ("layer", "attn", "mlp", "sublayer")
+from .settings import GRANULARITIES, ONE_SHOT_METHODS
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,24 @@ class SearchState:
     settings: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2), force=True)
+        update_file(path, json.dumps({"producer": PRODUCER, **asdict(self)}, indent=2))
 
     def plan_text(self, n_layers: int) -> str:
         return Plan.from_dict(self.plan, n_layers).to_text()
 
     @classmethod
     def load(cls, path: str | Path) -> SearchState:
-        return cls(**json.loads(Path(path).read_text()))
+        """A saved state; a file that is not one is a one-line error, not a traceback."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data.pop("producer", None)
+            state = cls(**data)
+            if not isinstance(state.plan, dict) or not isinstance(state.trace, list):
+                raise TypeError("plan or trace has the wrong type")
+            return state
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise ResumeError(f"{path} is not a search state layerlab can resume ({type(exc).__name__}: "
+                              f"{str(exc)[:80]}); start over with --force or another --state") from None
 
 
 @dataclass(frozen=True)
@@ -167,11 +177,31 @@ class Budget:
             return full_bytes / parameter_bytes(model) >= self.target_speedup
 
 
+def state_record(text: str, budget: Budget, granularity: str = "layer", start: Plan | None = None, ctx: int = 256,
+                 windows: int = 4, keep: float = 1.0, reuse: bool = True, abort: bool = True,
+                 provenance: dict | None = None) -> dict:
+    """What a greedy search's state records about the run that produced it (compared on resume)."""
+    return {"granularity": granularity, "ctx": ctx, "windows": windows, "keep": keep, "reuse": reuse, "abort": abort,
+            **asdict(budget), "start": start.to_text() if start is not None else None,
+            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), **(provenance or {})}
+
+
+def resumable_state(path: str | Path, record: dict) -> SearchState:
+    """The state saved at `path`, if it was written by a run with this `record`; else a one-line error."""
+    state = SearchState.load(path)
+    check_resumable(state.settings, record, str(path))
+    return state
+
+
 def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "layer", start: Plan | None = None,
            ctx: int = 256, windows: int = 4, keep: float = 1.0, reuse: bool = True, abort: bool = True,
            state_path: str | Path | None = None, resume: bool = False, max_rounds: int | None = None,
-           progress: bool = True) -> SearchState:
-    """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early."""
+           progress: bool = True, provenance: dict | None = None) -> SearchState:
+    """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early.
+
+    The state records the settings, the calibration text's hash and `provenance` (the model's
+    fingerprint); resuming a state that differs in any of them is an error naming the difference.
+    """
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     chunks = calibration_windows(tokenizer, text, ctx, windows)
     if keep < 1 and start is not None and len(set(start.layers)) < len(start.steps):
@@ -179,13 +209,9 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
     if start is not None and start.kv:
         raise PlanError("the greedy search removes units from plans without KV sharing; search the layers first, "
                         "then the KV map (kv_search.search_kv)")
-    settings = {"granularity": granularity, "ctx": ctx, "windows": windows, "keep": keep, "reuse": reuse,
-                "abort": abort, **asdict(budget)}
+    settings = state_record(text, budget, granularity, start, ctx, windows, keep, reuse, abort, provenance)
     if resume and state_path and Path(state_path).exists():
-        state = SearchState.load(state_path)
-        if state.settings != settings:
-            raise LayerlabError(f"{state_path} was written with other settings {state.settings}; "
-                                "resume with the same options or start a new state file")
+        state = resumable_state(state_path, settings)
     else:
         state = SearchState(Plan.identity(n_layers).to_dict() if start is None else start.to_dict(), None,
                             settings=settings)
@@ -253,7 +279,7 @@ def one_shot(similarity: Similarity, metric: str, remove: int, granularity: str 
         drop = sorted(range(len(steps)), key=lambda i: similarity.block_influence[i])[:remove]
         return Plan(tuple(s for i, s in enumerate(steps) if i not in drop), plan.num_layers)
     if metric != "cosine":
-        raise PlanError(f"unknown metric {metric!r}; choose bi, angular or cosine")
+        raise PlanError(f"unknown metric {metric!r}; choose from {', '.join(ONE_SHOT_METHODS)}")
     units = []
     if granularity in ("attn", "sublayer"):
         units += [(v, i, "attn") for i, v in enumerate(similarity.attention_importance) if v is not None]

@@ -30,24 +30,7 @@ from .errors import LayerlabError
 from .evaluate.speed import prefill_decode_seconds
 from .plan import Plan
 from .runtime import AppliedPlan, apply_plan, current_plan, source_slot_cache
-
-
-@dataclass(frozen=True)
-class SpeculativeSettings:
-    """How to draft and how to choose tokens. `min_confidence=0, min_ratio=0` drafts `max_draft` always."""
-
-    max_draft: int = 8
-    min_confidence: float = 0.5
-    min_ratio: float = 1.0
-    sample: bool = False
-    temperature: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_draft < 1:
-            raise LayerlabError(f"max_draft must be at least 1, got {self.max_draft}")
-        if self.temperature <= 0:
-            raise LayerlabError(f"temperature must be positive, got {self.temperature}; greedy is sample=False")
+from .settings import SpeculativeSettings
 
 
 @dataclass

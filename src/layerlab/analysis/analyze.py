@@ -25,7 +25,7 @@ def analyze(model, tokenizer, plans: dict[str, Plan], prompt: str, out_folder: s
     unless `force`). Returns what `analysis.json` holds; file names in it are relative to `out_folder`."""
     results: dict = {"prompt": prompt, "radius": radius, "plans": []}
     shares = {}
-    with staged_folder(out_folder, force) as staging:
+    with staged_folder(out_folder, force, kind="analysis") as staging:
         for i, (name, plan) in enumerate(plans.items()):
             maps = attention_maps(model, tokenizer, prompt, plan)
             cosine = hidden_cosine(model, tokenizer, prompt, plan)

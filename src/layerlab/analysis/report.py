@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import TEXT_MARKER, update_file
 from ..metrics.similarity import Similarity
 from ..plan import Plan
 from . import plots
@@ -66,8 +66,8 @@ def write_report(model, tokenizer, data: dict, scores: Similarity, out: str | Pa
     with tempfile.TemporaryDirectory() as temporary:
         images = {caption: _data_uri(path) for caption, path in figures(model, tokenizer, data, scores,
                                                                          Path(temporary)).items()}
-    atomic_write_text(out / "report.json", json.dumps(data, indent=1), force=True)
-    return atomic_write_text(out / "report.html", render(data, images), force=True)
+    update_file(out / "report.json", json.dumps({"producer": "layerlab", **data}, indent=1))
+    return update_file(out / "report.html", render(data, images))
 
 
 def render(data: dict, images: dict[str, str]) -> str:
@@ -95,7 +95,7 @@ def render(data: dict, images: dict[str, str]) -> str:
                                                 for c in data["one_shot"]]),
     ]
     body = "\n".join(parts)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>layerlab report</title>"
+    return (f"<!doctype html>\n{TEXT_MARKER}\n<html><head><meta charset='utf-8'><title>layerlab report</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 

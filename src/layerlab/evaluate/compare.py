@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..corpora import read_choices, read_text
+from ..errors import SettingsError
 from ..plan import Plan
 from ..runtime import apply_plan
+from ..settings import EVAL_TASKS as TASKS
+from ..settings import EvalSettings
 from .multiple_choice import multiple_choice
 from .perplexity import perplexity
 from .samples import generate
 from .speed import measure_plans
-
-TASKS = ("ppl", "mc", "samples", "speed")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What each task runs on; `None` limits mean the whole data."""
-
-    ppl_text: str = "wikitext2-test"
-    ctx: int = 512
-    stride: int | None = None
-    ppl_windows: int | None = 20
-    batch_size: int = 4
-    mc_data: str = "hellaswag-2k"
-    mc_items: int | None = 100
-    prompts: tuple[str, ...] = ("Once upon a time",)
-    max_new_tokens: int = 32
-    speed_prompt_tokens: int = 128
-    speed_decode_tokens: int = 32
-    speed_rounds: int = 3
 
 
 def evaluate_plans(model, tokenizer, plans: list[Plan], tasks: tuple[str, ...], settings: EvalSettings) -> dict:
     """Run `tasks` for every plan (the first is the baseline) and return the results as plain data."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
+        raise SettingsError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
     rows = [{"plan": plan.to_text(), "steps": len(plan.steps)} for plan in plans]
     text = read_text(settings.ppl_text) if "ppl" in tasks else None
     items = read_choices(settings.mc_data, settings.mc_items) if "mc" in tasks else None

@@ -19,9 +19,9 @@ import yaml
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..models import load
 from ..plan import Plan
 from ..runtime import apply_plan
+from ..settings import ModelSpec, check_plan_source
 
 
 @register_model("layerlab")
@@ -29,11 +29,13 @@ class LayerlabLM(HFLM):
     """lm-eval's Hugging Face model, running a layerlab model with a plan applied."""
 
     def __init__(self, model: str = "smollm2-135m", plan: str = "all", dtype: str = "float32",
-                 device: str | None = None, **kwargs) -> None:
+                 device: str | None = None, trust_remote_code: bool = False, **kwargs) -> None:
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI defaults to cuda
-        loaded, tokenizer = load(model, dtype=dtype, device=device)
-        self.plan = Plan.load(str(plan), loaded.config.get_text_config(decoder=True).num_hidden_layers)
+        spec = ModelSpec(str(model), str(dtype), device, trust_remote_code in (True, "True", "true", "1"))
+        check_plan_source(str(plan))
+        self.plan = Plan.load(str(plan), spec.inspect().num_layers)  # a bad plan fails before the model loads
+        loaded, tokenizer = spec.load()
         self.applied = apply_plan(loaded, self.plan)  # stays applied for the life of this object
         kwargs.pop("pretrained", None)
         super().__init__(pretrained=loaded, tokenizer=tokenizer, **kwargs)

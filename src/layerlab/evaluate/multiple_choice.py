@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..corpora import Choice
+from ..errors import DataError
 from .perplexity import bos_id
 
 
@@ -115,7 +116,7 @@ def multiple_choice(model, tokenizer, items: list[Choice], batch_size: int | Non
                     progress: bool = True) -> ChoiceResult:
     """acc and acc_norm over `items` under `model` as it is now (apply a plan around the call)."""
     if not items:
-        raise ValueError("no multiple-choice items to score")
+        raise DataError("no multiple-choice items to score")
     add_special = bos_id(tokenizer) is not None
     if batch_size:
         scores = score_batched(model, tokenizer, items, batch_size, add_special, progress)

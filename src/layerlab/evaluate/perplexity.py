@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import LayerlabError
+from ..errors import DataError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def bos_id(tokenizer) -> int | None:
 def make_windows(tokens: list[int], ctx: int, stride: int | None, bos: int | None, llama_cpp: bool) -> list[Window]:
     """Cut `tokens` into scored windows (see the module docstring)."""
     if ctx < 2:
-        raise ValueError("ctx must be at least 2 tokens")
+        raise SettingsError("ctx must be at least 2 tokens")
     if stride is None:
         first = ctx // 2 + 1 if llama_cpp else 1
         windows = []
@@ -67,7 +67,7 @@ def make_windows(tokens: list[int], ctx: int, stride: int | None, bos: int | Non
             windows.append(Window(ids if bos is None else [bos] + ids[1:], first))
         return windows
     if not 0 < stride <= ctx:
-        raise ValueError("stride must be between 1 and ctx")
+        raise SettingsError("stride must be between 1 and ctx")
     windows, scored_until = [], 1  # position 0 has no prediction
     for begin in range(0, len(tokens), stride):
         end = min(begin + ctx, len(tokens))
@@ -84,7 +84,7 @@ def calibration_windows(tokenizer, text: str, ctx: int, windows: int) -> list[Wi
     """The first `windows` non-overlapping windows of `ctx` tokens of a calibration text."""
     chunks = make_windows(encode_text(tokenizer, text), ctx, None, bos_id(tokenizer), False)[:windows]
     if not chunks:
-        raise LayerlabError(f"the calibration text is shorter than one window of {ctx} tokens; lower --ctx")
+        raise DataError(f"the calibration text is shorter than one window of {ctx} tokens; lower --ctx")
     return chunks
 
 
@@ -133,7 +133,8 @@ def perplexity(
     tokens = encode_text(tokenizer, text)
     windows = make_windows(tokens, ctx, stride, bos_id(tokenizer), llama_cpp)[:max_windows]
     if not windows:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
+        raise DataError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}; use a longer text "
+                        "or a smaller --ctx")
     total, count = 0.0, 0
     batches = _batches(windows, batch_size)
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import models
 from ..errors import PlanError
 from ..io import atomic_write_text, check_output
-from ..models import converted_folder, layer_count, load, resolve_source
+from ..models import converted_folder, layer_count, resolve_source
 from ..plan import Plan
 from .card import card_text, folder_bytes, measure
 
@@ -35,7 +36,7 @@ def export(source: str, plan_text: str, out: str | Path, fmt: str = "hf", force:
 
         check_gguf_plan(plan)
         check_swa_pattern(gguf_architecture(GGUFReader(str(resolved)))[0], plan)  # fail before loading
-    model, tokenizer = load(source)
+    model, tokenizer = models.load(source)
     measured = measure(model, tokenizer, plan, eval_windows)
     if fmt == "gguf":
         prune_gguf(resolved, plan, out, force)

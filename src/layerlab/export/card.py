@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..corpora import read_text
 from ..evaluate.perplexity import perplexity
+from ..io import TEXT_MARKER
 from ..plan import Plan
 from ..runtime import apply_plan
 
@@ -59,7 +60,8 @@ def card_text(source: str, plan: Plan, fmt: str, measured: dict, sizes: tuple[in
         + (" (plain loading ignores `kv_sources` and runs every layer on its own keys and values)" if plan.kv else ""),
         "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python, or `layerlab.load(FILE)`",
     }[fmt]
-    return f"""# layerlab export of {source}
+    return f"""{TEXT_MARKER}
+# layerlab export of {source}
 
 - source: `{source}`
 - plan: `{plan.to_text()}` ({len(plan.steps)} steps over {plan.num_layers} layers; dropped: \

@@ -16,6 +16,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from tqdm.auto import tqdm
 
 from ..errors import PlanError
+from ..io import GGUF_PRODUCER_KEY, PRODUCER
 from ..plan import Plan
 from .files import staged_file
 
@@ -63,6 +64,7 @@ def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = Fa
     with staged_file(out, force) as staging:
         writer = GGUFWriter(str(staging), arch, endianess=reader.endianess)
         _copy_metadata(reader, writer, arch, plan)
+        writer.add_string(GGUF_PRODUCER_KEY, PRODUCER)  # lets a later --force know layerlab wrote this file
         tensors = _planned_tensors(reader, plan)
         for name, tensor in tensors:
             writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
@@ -77,7 +79,7 @@ def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = Fa
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, plan: Plan) -> None:
     for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+        if field.name in ("general.architecture", GGUF_PRODUCER_KEY) or field.name.startswith("GGUF."):
             continue  # written by GGUFWriter itself
         value = field.contents()
         kind = field.types[0]

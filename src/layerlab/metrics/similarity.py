@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..arch import arch_of, decoder_layers
+from ..errors import SettingsError
 from ..evaluate.perplexity import calibration_windows
 from ..plan import Plan
 from ..runtime import apply_plan
@@ -109,7 +110,7 @@ def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int =
                tokens: str = "all", progress: bool = True) -> Similarity:
     """All hook-based metrics for `plan`'s steps from one pass over `windows` windows of `text`."""
     if tokens not in ("all", "last"):
-        raise ValueError("tokens must be 'all' or 'last'")
+        raise SettingsError("tokens must be 'all' or 'last'")
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     plan = plan or Plan.identity(n_layers)
     chunks = calibration_windows(tokenizer, text, ctx, windows)

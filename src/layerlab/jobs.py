@@ -1,0 +1,239 @@
+"""The commands as library calls: settings in, results out, every check before the model loads.
+
+Each job follows the same order, so a mistake costs a second and never a model load or lost data:
+1. the settings object validated its values when it was built (`settings.py`);
+2. `inspect`: the model's config is read (no weights) and the device checked;
+3. `check`: input files readable, plans parsed against the model's layer count, outputs writable
+   and not replacing anything layerlab did not write (nor any input);
+4. the model loads and the work runs; outputs are written atomically.
+The CLI (`cli.py`) only parses arguments into settings, calls one of these, and prints the result.
+The main job, `prune`, has its own module (`prune.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import atomic_write_json
+from .models import ModelInfo
+from .plan import Plan, unique_plans
+from .settings import (
+    AnalyzeSettings,
+    EvalJob,
+    ExportSettings,
+    GenerateSettings,
+    HealJob,
+    ScoreSettings,
+    SearchSettings,
+    SpeculateSettings,
+    check_windows,
+)
+
+
+def plans_with_baseline(info: ModelInfo, plans: tuple[str, ...]) -> list[Plan]:
+    """The identity plan first, then each given plan (text or file) checked against the model, without repeats."""
+    n = info.num_layers
+    return unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+
+
+# ------------------------------------------------------------------------------------------ generate
+def generate(settings: GenerateSettings) -> tuple[list[Plan], list]:
+    """Every prompt under every plan (baseline first): `(plans, samples)` in plan-major order."""
+    from .evaluate.samples import generate_table
+
+    settings.check()
+    plans = plans_with_baseline(settings.model.inspect(), settings.plans)
+    model, tokenizer = settings.model.load()
+    return plans, generate_table(model, tokenizer, list(settings.prompts), plans,
+                                 max_new_tokens=settings.max_new_tokens, do_sample=settings.sample, seed=settings.seed)
+
+
+# ------------------------------------------------------------------------------------------ eval
+def evaluate(job: EvalJob) -> dict:
+    """Several plans side by side; the results are written to `job.out` and returned."""
+    from .evaluate.compare import evaluate_plans
+
+    info = job.model.inspect()
+    job.check(info)
+    plans = plans_with_baseline(info, job.plans)
+    if "ppl" in job.tasks:
+        check_windows(job.model, [("--ppl-text", job.evaluation.ppl_text, job.evaluation.ctx)])
+    model, tokenizer = job.model.load()
+    results = evaluate_plans(model, tokenizer, plans, job.tasks, job.evaluation) | {"model": job.model.source}
+    atomic_write_json(job.out, results, force=job.force)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ score
+@dataclass
+class ScoreResult:
+    plan: Plan
+    similarity: object  # metrics.similarity.Similarity
+    deltas: object | None  # metrics.perplexity_delta.PerplexityDeltas, when asked for
+    out: Path
+
+
+def score(settings: ScoreSettings) -> ScoreResult:
+    """The hook metrics (and perplexity deltas) of a plan's steps; scores.json and plots written to `out`."""
+    from .analysis.plots import angular_heatmap, importance_bars
+    from .corpora import read_text
+    from .export.files import staged_folder
+    from .metrics.perplexity_delta import perplexity_deltas
+    from .metrics.similarity import similarity
+
+    info = settings.model.inspect()
+    settings.check(info)
+    plan = Plan.load(settings.plan, info.num_layers)
+    calibration = read_text(settings.text)
+    check_windows(settings.model, [("--text", settings.text, settings.ctx)])
+    model, tokenizer = settings.model.load()
+    result = similarity(model, tokenizer, calibration, plan=plan, ctx=settings.ctx, windows=settings.windows,
+                        tokens=settings.tokens)
+    deltas = perplexity_deltas(model, tokenizer, calibration, plan, ctx=settings.ctx,
+                               windows=settings.windows) if settings.ppl_delta else None
+    scores = {"producer": "layerlab", **result.to_dict(),
+              **({"perplexity_delta": deltas.to_dict()} if deltas else {})}
+    with staged_folder(settings.out, settings.force, kind="score") as staging:
+        (staging / "scores.json").write_text(json.dumps(scores, indent=2))
+        importance_bars(result, staging / "importance.png")
+        angular_heatmap(result, staging / "angular.png")
+    return ScoreResult(plan, result, deltas, Path(settings.out))
+
+
+# ------------------------------------------------------------------------------------------ analyze
+def analyze(settings: AnalyzeSettings) -> dict:
+    """Attention maps, spectra, hidden-state cosine and logit lens of each plan, written to `out`."""
+    from .analysis.analyze import analyze as run_analyze
+
+    info = settings.model.inspect()
+    settings.check(info)
+    plans = plans_with_baseline(info, settings.plans)
+    model, tokenizer = settings.model.load()
+    return run_analyze(model, tokenizer, {p.to_text(): p for p in plans}, settings.prompt, settings.out,
+                       max_heads=settings.max_heads, top_k=settings.top_k, force=settings.force)
+
+
+# ------------------------------------------------------------------------------------------ search
+@dataclass
+class SearchResult:
+    plan: Plan
+    state: object | None  # search.SearchState of a greedy search
+
+
+def search(settings: SearchSettings) -> SearchResult:
+    """A plan removing layers or halves: greedy by calibration perplexity (resumable), or one-shot by a metric."""
+    from .corpora import read_text
+    from .metrics.similarity import similarity
+    from .search import Budget, greedy, one_shot, resumable_state, state_record
+
+    info = settings.model.inspect()
+    settings.check(info)
+    remove = settings.removals(info.num_layers)
+    calibration = read_text(settings.text)
+    budget = Budget(remove, settings.target_speedup)
+    provenance = {"model": info.fingerprint}
+    if settings.resume and settings.state and Path(settings.state).exists():  # refuse another run's state now
+        resumable_state(settings.state, state_record(calibration, budget, settings.granularity, None, settings.ctx,
+                                                     settings.windows, settings.keep, provenance=provenance))
+    check_windows(settings.model, [("--text", settings.text, settings.ctx)])
+    model, tokenizer = settings.model.load()
+    if settings.method == "greedy":
+        state = greedy(model, tokenizer, calibration, budget, settings.granularity, ctx=settings.ctx,
+                       windows=settings.windows, keep=settings.keep, state_path=settings.state,
+                       resume=settings.resume, provenance=provenance)
+        return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
+    scores = similarity(model, tokenizer, calibration, ctx=settings.ctx, windows=settings.windows)
+    return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
+
+
+# ------------------------------------------------------------------------------------------ heal
+@dataclass
+class HealOutcome:
+    plan: Plan
+    result: object  # heal.HealResult
+    perplexities: list[tuple[str, int, float]]  # (model, layers, perplexity) on the held-out text
+
+
+def heal(job: HealJob) -> HealOutcome:
+    """LoRA-heal a pruned model, measure held-out perplexity before and after, write the merged model."""
+    from .corpora import read_text
+    from .heal import checkpoint_folder, save_healed
+    from .heal import heal as run_heal
+    from .runtime import apply_plan
+
+    info = job.model.inspect()
+    job.check(info)
+    plan = Plan.load(job.plan, info.num_layers)
+    healing = read_text(job.data)
+    held_out = read_text(job.eval_text) if job.eval_windows else None
+    check_windows(job.model, [("--data", job.data, job.training.ctx)] +
+                  ([("--eval-text", job.eval_text, 512)] if held_out is not None else []))
+    model, tokenizer = job.model.load()
+    rows = []
+    if held_out is not None:
+        chosen = [("original", Plan.identity(plan.num_layers))] if not plan.is_identity else []
+        for name, p in [*chosen, ("pruned" if chosen else "before", plan)]:
+            with apply_plan(model, p):
+                rows.append((name, len(p.steps), _perplexity(model, tokenizer, held_out, job.eval_windows)))
+    checkpoints = checkpoint_folder(job.out)
+    result = run_heal(model, tokenizer, healing, plan, job.training, checkpoint_dir=checkpoints, resume=job.resume,
+                      provenance={"model": info.fingerprint})
+    if held_out is not None:
+        rows.append(("healed", len(plan.steps), _perplexity(result.model, tokenizer, held_out, job.eval_windows)))
+    save_healed(result, tokenizer, job.out, job.force)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return HealOutcome(plan, result, rows)
+
+
+def _perplexity(model, tokenizer, text: str, windows: int) -> float:
+    """Held-out perplexity over `windows` windows of 512 tokens."""
+    from .evaluate.perplexity import perplexity
+
+    return perplexity(model, tokenizer, text, ctx=512, max_windows=windows, progress=False).perplexity
+
+
+# ------------------------------------------------------------------------------------------ speculate
+@dataclass
+class SpeculateOutcome:
+    plan: Plan
+    num_layers: int
+    text: str  # the continuation of the prompt
+    result: object  # speculative.SpeculativeResult
+    draft_search: object | None  # draft_search.DraftSearch when the plan was searched
+
+
+def speculate(settings: SpeculateSettings) -> SpeculateOutcome:
+    """Self-speculative decoding with a given or searched draft plan; the plain decoding speed timed too."""
+    from .corpora import read_text
+    from .draft_search import search_draft_plan
+    from .speculative import compare_with_plain
+
+    settings.check()
+    info = settings.model.inspect()
+    plan = None if settings.draft_plan == "auto" else Plan.load(settings.draft_plan, info.num_layers)
+    model, tokenizer = settings.model.load()
+    found = None
+    if plan is None:
+        found = search_draft_plan(model, tokenizer, [settings.prompt], read_text(settings.search_text),
+                                  max_new_tokens=24, settings=settings.decoding)
+        plan = found.best.plan
+    ids = tokenizer(settings.prompt, return_tensors="pt")["input_ids"].to(model.device)
+    result = compare_with_plain(model, ids, plan, settings.max_new_tokens, settings.decoding)
+    text = tokenizer.decode(result.ids[0, ids.shape[1]:], skip_special_tokens=True)
+    return SpeculateOutcome(plan, info.num_layers, text, result, found)
+
+
+# ------------------------------------------------------------------------------------------ export
+def export(settings: ExportSettings) -> Path:
+    """A physically smaller model (HF folder or pruned GGUF) with its model card."""
+    from .export import export as run_export
+
+    info = settings.model.inspect()
+    settings.check(info)
+    Plan.load(settings.plan, info.num_layers)  # a bad plan fails before the export loads anything
+    return run_export(settings.model.source, settings.plan, settings.out, settings.format, force=settings.force,
+                      remote_code=settings.remote_code, eval_windows=settings.eval_windows)
+

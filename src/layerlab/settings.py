@@ -1,0 +1,577 @@
+"""Settings: what a user asked for, validated at the edge, before any work.
+
+One frozen dataclass per job (generate, eval, score, analyze, search, heal, prune, speculate, export),
+built by the CLI or by Python callers. Values are checked when the object is built (`__post_init__`:
+ranges, names against the registries below); what needs the file system is checked by `check()`
+(input files exist and are readable, outputs writable and not replacing anything layerlab did not
+write, never an input); the model is inspected from its config alone (`ModelSpec.inspect`). The jobs
+(`jobs.py`, `prune.py`) run these checks first, so a mistake costs a second, not a model load.
+
+This module imports nothing heavy: `layerlab --help` and the checks run before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import DataError, SettingsError
+from .io import check_not_an_input, check_output, check_writable
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
+
+# ------------------------------------------------------------------------------------------ registries
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+GRANULARITIES = ("layer", "attn", "mlp", "sublayer")
+ONE_SHOT_METHODS = ("bi", "angular", "cosine")  # implemented by search.one_shot
+SEARCH_METHODS = ("greedy", *ONE_SHOT_METHODS)
+TOKEN_MODES = ("all", "last")  # which tokens the angular distance averages over
+EVAL_TASKS = ("ppl", "mc", "samples", "speed")  # implemented by evaluate.compare
+EXPORT_FORMATS = ("hf", "gguf")
+PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
+_DEVICE = re.compile(r"(cpu|mps|auto|cuda)(:\d{1,3})?")
+
+
+def _choose(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise SettingsError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+
+
+def _at_least(value: int | float | None, low: int | float, what: str) -> None:
+    """`value` is None or a finite number >= `low` (NaN and infinity are refused too)."""
+    if value is not None and (isinstance(value, bool) or not math.isfinite(value) or not value >= low):
+        raise SettingsError(f"{what} must be a number of at least {low}, got {value!r}")
+
+
+def _seed(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise SettingsError(f"seed must be an integer in [0, 2**32), got {value!r}")
+
+
+def _share(value: float | None, what: str) -> None:
+    if value is not None and not 0 < value < 1:  # NaN fails the comparison too
+        raise SettingsError(f"{what} must be a share between 0 and 1 (exclusive), got {value!r}")
+
+
+def check_text_source(source: str, what: str) -> None:
+    """A text or rows source (bundled name, file or hf:...) that exists and reads as UTF-8, checked up front."""
+    from .corpora import check_source
+
+    try:
+        check_source(source)
+    except DataError as exc:
+        raise DataError(f"{what}: {exc}") from None
+
+
+def check_windows(model: ModelSpec, needs: list[tuple[str, str, int]]) -> None:
+    """Each `(option, source, ctx)` text holds at least one window of `ctx` tokens of the model's tokenizer.
+
+    Only the tokenizer loads (not the weights), and only a prefix is tokenized when it already suffices.
+    """
+    from .corpora import read_text
+    from .evaluate.perplexity import encode_text
+
+    tokenizer = model.tokenizer()
+    for option, source, ctx in needs:
+        text = read_text(source)
+        if len(encode_text(tokenizer, text[: 16 * ctx])) > ctx:
+            continue
+        count = len(encode_text(tokenizer, text))
+        if count < ctx:
+            raise DataError(f"{option} {source} has {count} tokens, fewer than one window of {ctx}; use a longer "
+                            "text or a smaller --ctx")
+
+
+def check_plan_source(plan: str) -> None:
+    """A plan file named by a plan argument is readable JSON / YAML (its content is checked against the model)."""
+    from .plan import PLAN_FILE_SUFFIXES, read_plan_file
+
+    if Path(plan).suffix.lower() in PLAN_FILE_SUFFIXES:
+        read_plan_file(Path(plan))
+
+
+def plan_inputs(plans: tuple[str, ...]) -> list[str]:
+    """The plan arguments that are files (inputs that no output may replace)."""
+    return [p for p in plans if Path(p).suffix.lower() in (".json", ".yaml", ".yml")]
+
+
+def _check_prompts(prompts: tuple[str, ...]) -> None:
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise SettingsError("a prompt is empty; give some text to continue, e.g. --prompt 'Once upon a time'")
+
+
+def _file_inputs(*sources: str) -> list[str]:
+    """The sources that are local files (bundled names and hub datasets cannot be overwritten by accident)."""
+    return [s for s in sources if s and Path(s).expanduser().is_file()]
+
+
+def _inputs(info: ModelInfo | None, others: list[str]) -> list[str | Path]:
+    return [*(info.input_paths if info is not None else []), *others]
+
+
+def check_distinct_texts(first: str, second: str, first_name: str, second_name: str) -> None:
+    """Refuse training or calibrating on the text a job evaluates on (same name, same file or same content)."""
+    from .corpora import read_text
+
+    if first == second or read_text(first) == read_text(second):
+        raise SettingsError(f"{first_name} {first} is {second_name}; use another text (e.g. frankenstein) so the "
+                            "evaluation stays held out")
+
+
+def as_dict(settings) -> dict:
+    """A settings object as plain data (nested settings too), for reports and resume fingerprints."""
+    out = {}
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        out[item.name] = as_dict(value) if hasattr(value, "__dataclass_fields__") else (
+            list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, in which precision, on which device, and whether its own code may run."""
+
+    source: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise SettingsError("--model is empty; give an embedded name, a folder, a .gguf file or a hub id")
+        _choose(self.dtype, DTYPES, "dtype")
+        if not _DEVICE.fullmatch(self.device) or (":" in self.device and not self.device.startswith("cuda")):
+            raise SettingsError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N, mps or auto")
+
+    def inspect(self) -> ModelInfo:
+        """The model's layer count, architecture and fingerprint from its config, and the device checked."""
+        from .models import check_device, inspect_model
+
+        info = inspect_model(self.source, self.trust_remote_code)
+        check_device(self.device)
+        return info
+
+    def tokenizer(self):
+        """The model's tokenizer alone (no weights load)."""
+        from .models import load_tokenizer
+
+        return load_tokenizer(self.source, self.trust_remote_code)
+
+    def load(self):
+        """(model, tokenizer)."""
+        from .models import load
+
+        return load(self.source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code)
+
+
+# ------------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class GenerateSettings:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plans: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ("Once upon a time",)
+    max_new_tokens: int = 32
+    sample: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_prompts(self.prompts)
+        _at_least(self.max_new_tokens, 1, "max_new_tokens")
+        _seed(self.seed)
+
+    def check(self) -> None:
+        for plan in self.plans:
+            check_plan_source(plan)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What each evaluation task runs on; `None` limits mean the whole data."""
+
+    ppl_text: str = "wikitext2-test"
+    ctx: int = 512
+    stride: int | None = None
+    ppl_windows: int | None = 20
+    batch_size: int = 4
+    mc_data: str = "hellaswag-2k"
+    mc_items: int | None = 100
+    prompts: tuple[str, ...] = ("Once upon a time",)
+    max_new_tokens: int = 32
+    speed_prompt_tokens: int = 128
+    speed_decode_tokens: int = 32
+    speed_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        _at_least(self.ctx, 2, "ctx")
+        _at_least(self.stride, 1, "stride")
+        if self.stride is not None and self.stride > self.ctx:
+            raise SettingsError(f"stride {self.stride} is larger than ctx {self.ctx}; use a stride up to ctx")
+        _at_least(self.ppl_windows, 1, "ppl_windows")
+        _at_least(self.batch_size, 1, "batch_size")
+        _at_least(self.mc_items, 1, "mc_items")
+        _check_prompts(self.prompts)
+        for name in ("max_new_tokens", "speed_prompt_tokens", "speed_decode_tokens", "speed_rounds"):
+            _at_least(getattr(self, name), 1, name)
+
+    def check(self, tasks: tuple[str, ...]) -> None:
+        if "ppl" in tasks:
+            check_text_source(self.ppl_text, "--ppl-text")
+        if "mc" in tasks:
+            from .corpora import read_choices
+
+            check_text_source(self.mc_data, "--mc-data")
+            read_choices(self.mc_data, self.mc_items)  # every row it will score, checked now
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """`layerlab eval`: several plans side by side, written to `out`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plans: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = EVAL_TASKS
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    out: str = "layerlab-eval.json"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise SettingsError(f"no task given; choose from {', '.join(EVAL_TASKS)}")
+        for task in self.tasks:
+            _choose(task, EVAL_TASKS, "task")
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        for plan in self.plans:
+            check_plan_source(plan)
+        self.evaluation.check(self.tasks)
+        check_output(self.out, force=self.force, inputs=_inputs(info, plan_inputs(self.plans)))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """`layerlab score`: the hook metrics (and optionally perplexity deltas) of a plan's steps."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plan: str = "all"
+    text: str = "wikitext2-valid"
+    ctx: int = 512
+    windows: int = 8
+    tokens: str = "all"
+    ppl_delta: bool = False
+    out: str = "layerlab-score"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self.ctx, 2, "ctx")
+        _at_least(self.windows, 1, "windows")
+        _choose(self.tokens, TOKEN_MODES, "--tokens")
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        check_plan_source(self.plan)
+        check_text_source(self.text, "--text")
+        check_output(self.out, folder=True, force=self.force,
+                     inputs=_inputs(info, [*plan_inputs((self.plan,)), *_file_inputs(self.text)]))
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """`layerlab analyze`: attention maps, spectra, hidden-state cosine and logit lens of plans."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plans: tuple[str, ...] = ()
+    prompt: str = "The capital of France is"
+    out: str = "layerlab-analysis"
+    force: bool = False
+    max_heads: int = 8
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        _check_prompts((self.prompt,))
+        _at_least(self.max_heads, 1, "max_heads")
+        _at_least(self.top_k, 1, "top_k")
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        for plan in self.plans:
+            check_plan_source(plan)
+        check_output(self.out, folder=True, force=self.force, inputs=_inputs(info, plan_inputs(self.plans)))
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """`layerlab search`: how much to remove, by which method, on which calibration text."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    remove: int | None = None
+    fraction: float | None = None
+    target_speedup: float | None = None
+    method: str = "greedy"
+    granularity: str = "layer"
+    text: str = "wikitext2-valid"
+    ctx: int = 256
+    windows: int = 4
+    keep: float = 1.0
+    state: str | None = None
+    resume: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.remove, self.fraction, self.target_speedup))
+        if given != 1:
+            raise SettingsError("give exactly one of --remove, --fraction or --target-speedup")
+        _choose(self.method, SEARCH_METHODS, "method")
+        _choose(self.granularity, GRANULARITIES, "granularity")
+        _at_least(self.remove, 1, "--remove")
+        _share(self.fraction, "--fraction")
+        if self.target_speedup is not None and not 1 < self.target_speedup < math.inf:
+            raise SettingsError(f"--target-speedup must be a number larger than 1, got {self.target_speedup}")
+        if self.method != "greedy" and self.target_speedup is not None:
+            raise SettingsError("one-shot methods take --remove or --fraction; --target-speedup needs greedy")
+        _at_least(self.ctx, 2, "ctx")
+        _at_least(self.windows, 1, "windows")
+        if not 0 < self.keep <= 1:
+            raise SettingsError(f"--keep must be in (0, 1], got {self.keep}")
+        if (self.resume or self.force) and not self.state:
+            raise SettingsError("--resume and --force refer to a --state file; give --state")
+        if self.resume and self.force:
+            raise SettingsError("--resume continues a search and --force starts over; give one")
+        if self.state and self.method != "greedy":
+            raise SettingsError("--state records a greedy search; one-shot methods have no state")
+
+    def units(self, num_layers: int) -> int:
+        return num_layers * (2 if self.granularity == "sublayer" else 1)
+
+    def removals(self, num_layers: int) -> int | None:
+        """The number of units to remove (None for a speed-up target), checked against the model."""
+        if self.target_speedup is not None:
+            return None
+        units = self.units(num_layers)
+        remove = self.remove if self.remove is not None else round(self.fraction * units)
+        if not 1 <= remove < units:
+            raise SettingsError(f"the budget removes {remove} of the model's {units} units; ask for 1 to {units - 1}")
+        return remove
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        check_text_source(self.text, "--text")
+        if info is not None:
+            self.removals(info.num_layers)
+        if not self.state:
+            return
+        inputs = _inputs(info, _file_inputs(self.text))
+        if self.resume:  # the state is continued in place: it only must not be an input, and be writable
+            check_not_an_input(self.state, inputs)
+            check_writable(self.state)
+        else:
+            check_output(self.state, force=self.force, inputs=inputs)
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """LoRA training settings. The defaults heal SmolLM2-135M minus 6 layers in about 9 minutes on 2 CPU
+    cores (5.1 s per step; 100 steps of 4 x 256 tokens are about one pass over Frankenstein)."""
+
+    steps: int = 100
+    lr: float = 2e-4
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # None: the architecture's row in arch.py
+    ctx: int = 256
+    batch_size: int = 4
+    warmup: int = 10  # linear warm-up steps, then a cosine decay to 10 % of lr
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rank", "alpha", "batch_size", "checkpoint_every"):
+            _at_least(getattr(self, name), 1, name)
+        _at_least(self.ctx, 2, "ctx")
+        _at_least(self.warmup, 0, "warmup")
+        _seed(self.seed)
+        if not 0 < self.lr < 1:
+            raise SettingsError(f"lr must be between 0 and 1, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise SettingsError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not all(m and isinstance(m, str) for m in self.target_modules):
+            raise SettingsError(f"--modules must name modules, got {self.target_modules!r}")
+
+
+@dataclass(frozen=True)
+class HealJob:
+    """`layerlab heal`: LoRA on a pruned model, evaluated on held-out text, written to `out`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plan: str = "all"
+    data: str = "frankenstein"
+    training: HealSettings = field(default_factory=HealSettings)
+    eval_text: str = "wikitext2-test"
+    eval_windows: int = 4
+    out: str = "layerlab-healed"
+    force: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self.eval_windows, 0, "eval_windows")
+        if self.resume and self.force:
+            raise SettingsError("--resume continues from checkpoints and --force starts over; give one")
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        from .heal import checkpoint_folder
+
+        check_plan_source(self.plan)
+        check_text_source(self.data, "--data")
+        if self.eval_windows:
+            check_text_source(self.eval_text, "--eval-text")
+            check_distinct_texts(self.data, self.eval_text, "--data", "the evaluation text (--eval-text)")
+        inputs = _inputs(info, [*plan_inputs((self.plan,)), *_file_inputs(self.data, self.eval_text)])
+        check_output(self.out, folder=True, force=self.force, inputs=inputs)
+        if not self.resume:
+            check_output(checkpoint_folder(self.out), folder=True, force=self.force, inputs=inputs)
+
+
+@dataclass(frozen=True)
+class SpeculativeSettings:
+    """How to draft and how to choose tokens. `min_confidence=0, min_ratio=0` drafts `max_draft` always."""
+
+    max_draft: int = 8
+    min_confidence: float = 0.5
+    min_ratio: float = 1.0
+    sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self.max_draft, 1, "max_draft")
+        _at_least(self.min_confidence, 0, "min_confidence")  # above 1: never confident, one draft per cycle
+        _at_least(self.min_ratio, 0, "min_ratio")
+        _seed(self.seed)
+        if not 0 < self.temperature < math.inf:
+            raise SettingsError(f"temperature must be positive, got {self.temperature}; greedy is sample=False")
+
+
+@dataclass(frozen=True)
+class SpeculateSettings:
+    """`layerlab speculate`: self-speculative decoding of one prompt with a draft plan (or 'auto')."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    draft_plan: str = "auto"
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 64
+    decoding: SpeculativeSettings = field(default_factory=SpeculativeSettings)
+    search_text: str = "wikitext2-valid"
+
+    def __post_init__(self) -> None:
+        _check_prompts((self.prompt,))
+        _at_least(self.max_new_tokens, 1, "max_new_tokens")
+
+    def check(self) -> None:
+        if self.draft_plan == "auto":
+            check_text_source(self.search_text, "--search-text")
+        else:
+            check_plan_source(self.draft_plan)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """`layerlab export`: a physically smaller model at `out`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    plan: str = "all"
+    out: str = "layerlab-export"
+    format: str = "hf"
+    remote_code: bool = False
+    eval_windows: int = 8
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        _choose(self.format, EXPORT_FORMATS, "export format")
+        _at_least(self.eval_windows, 0, "eval_windows")
+
+    def check(self, info: ModelInfo | None = None) -> None:
+        check_plan_source(self.plan)
+        inputs = _inputs(info, plan_inputs((self.plan,)))
+        check_output(self.out, folder=self.format == "hf", force=self.force, inputs=inputs)
+        if self.format == "gguf":
+            check_output(Path(self.out).with_suffix(".md"), force=self.force, inputs=inputs)
+
+
+DEFAULT_DROP = 0.2
+QUICK_EVAL = EvalSettings(ppl_windows=8, mc_items=50, max_new_tokens=24, speed_rounds=2)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """The main job's knobs; the defaults run in minutes on a laptop CPU for a small model."""
+
+    drop: float | None = None  # share of the units (layers, or halves) to remove; DEFAULT_DROP if no budget
+    layers: int | None = None  # or a number of units
+    target_speedup: float | None = None  # or remove until the executed parameter bytes shrink this much
+    granularity: str = "layer"
+    calibration: str = "wikitext2-valid"
+    calib_ctx: int = 256
+    calib_windows: int = 4
+    keep: float = 0.5  # greedy: share of candidates kept each round (llama.cpp-style pruning)
+    evaluation: EvalSettings = QUICK_EVAL
+    heal: bool = False
+    heal_text: str = "frankenstein"
+    heal_settings: HealSettings = field(default_factory=HealSettings)
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.drop, self.layers, self.target_speedup)) > 1:
+            raise SettingsError("give at most one of --drop, --layers or --target-speedup")
+        _share(self.drop, "--drop")
+        _at_least(self.layers, 1, "--layers")
+        if self.target_speedup is not None and not 1 < self.target_speedup < math.inf:
+            raise SettingsError(f"--target-speedup must be a number larger than 1, got {self.target_speedup}")
+        _choose(self.granularity, GRANULARITIES, "granularity")
+        _at_least(self.calib_ctx, 2, "calibration ctx")
+        _at_least(self.calib_windows, 1, "calibration windows")
+        if not 0 < self.keep <= 1:
+            raise SettingsError(f"--keep must be in (0, 1], got {self.keep}")
+
+    def removals(self, num_layers: int) -> int | None:
+        """The number of units to remove (None for a speed-up target), checked against the model."""
+        if self.target_speedup is not None:
+            return None
+        units = num_layers * (2 if self.granularity == "sublayer" else 1)
+        share = self.drop if self.drop is not None else DEFAULT_DROP
+        remove = self.layers if self.layers is not None else round(share * units)
+        if not 1 <= remove < units:
+            raise SettingsError(f"the budget removes {remove} of the model's {units} units; ask for 1 to {units - 1}")
+        return remove
+
+    def check(self, num_layers: int | None = None) -> None:
+        if num_layers is not None:
+            self.removals(num_layers)
+        check_text_source(self.calibration, "--calibration")
+        self.evaluation.check(("ppl", "mc"))
+        if self.heal:
+            check_text_source(self.heal_text, "healing text")
+            check_distinct_texts(self.heal_text, self.evaluation.ppl_text, "the healing text",
+                                 "the evaluation text")
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """`layerlab prune`: the main job on a model, into the run folder `out`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    settings: PruneSettings = field(default_factory=PruneSettings)
+    out: str = "layerlab-prune"
+    resume: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume and self.force:
+            raise SettingsError("--resume continues a run and --force starts over; give one")
+
+    def inputs(self, info: ModelInfo | None) -> list[str | Path]:
+        return _inputs(info, _file_inputs(self.settings.calibration, self.settings.evaluation.ppl_text,
+                                          self.settings.evaluation.mc_data, self.settings.heal_text))
