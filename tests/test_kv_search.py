@@ -77,7 +77,7 @@ def test_a_loose_tolerance_fills_the_budget_and_a_resumed_search_ends_the_same(t
     assert len(json.loads(path.read_text())["trace"]) == 2
     resumed = search_kv(model, tokenizer, TEXT, settings, state_path=path, resume=True, progress=False)
     assert resumed.plan == whole.plan and resumed.ranking == whole.ranking
-    with pytest.raises(LayerlabError, match="other settings"):
+    with pytest.raises(LayerlabError, match="written with budget=0.5, but this run has budget=0.3"):
         search_kv(model, tokenizer, TEXT, KVSearchSettings(budget=0.3, ctx=32, windows=2), state_path=path,
                   resume=True, progress=False)
 
@@ -87,3 +87,26 @@ def test_bad_settings_are_refused_before_work():
                             ({"tolerance": -0.1}, "at least 0")]:
         with pytest.raises(LayerlabError, match=message):
             KVSearchSettings(**kwargs)
+
+
+def test_search_kv_and_eval_kv_cache_from_the_command_line(tiny_folder, tmp_path, capfd):
+    """`search --kv` finds the map the library finds; `eval --kv-cache int8` runs every plan on that cache."""
+    from layerlab.cli import main
+
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    args = ["-m", str(tiny_folder), "--ctx", "32", "--windows", "2", "--text", str(tmp_path / "t.txt")]
+    assert main(["search", *args, "--kv", "--fraction", "0.5", "--tolerance", "10", "--order", "similar",
+                 "--state", str(tmp_path / "s.json")]) == 0
+    state = json.loads((tmp_path / "s.json").read_text())
+    plan = Plan.from_dict(state["plan"], 6)
+    assert len(plan.kv) == 3 and f"plan: {plan.to_text()}" in capfd.readouterr().out
+    results = []
+    for cache in ("full", "int8"):
+        out = tmp_path / f"{cache}.json"
+        assert main(["eval", "-m", str(tiny_folder), "-p", plan.to_text(), "--tasks", "ppl", "--ctx", "32",
+                     "--ppl-text", str(tmp_path / "t.txt"), "--ppl-windows", "1", "--kv-cache", cache,
+                     "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert [r["kv_cache"] for r in results] == ["full", "int8"]
+    ppl = [[row["ppl"]["perplexity"] for row in r["rows"]] for r in results]
+    assert ppl[0] != ppl[1] and all(abs(a / b - 1) < 0.05 for a, b in zip(*ppl, strict=True))  # int8 is close

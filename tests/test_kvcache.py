@@ -11,7 +11,6 @@ from transformers.cache_utils import DummyLayer
 
 from layerlab import LayerlabError, Plan, apply_plan
 from layerlab.kv import cache_bytes
-from layerlab.runtime import EmptySlot
 from layerlab.kvcache import (
     CacheSettings,
     PerTokenQuantizedLayer,
@@ -19,8 +18,10 @@ from layerlab.kvcache import (
     chunked_perplexity,
     dequantize,
     kv_cache,
+    layer_types,
     quantize,
 )
+from layerlab.runtime import EmptySlot
 
 
 def ids(batch=2, length=10, seed=1):
@@ -136,7 +137,7 @@ def test_bad_cache_types_are_one_line_errors(models):
 
         if importlib.util.find_spec(package.split("-")[-1]) is None:
             with pytest.raises(LayerlabError, match=f"needs the {package} package"):
-                CacheSettings(kind).check(models["llama"].config)
+                CacheSettings(kind).check(layer_types(models["llama"].config), "llama")
 
 
 @torch.no_grad()

@@ -18,22 +18,26 @@ import click
 
 from .errors import LayerlabError, SettingsError, one_line
 from .settings import (
+    CACHE_TYPES,
     DEFAULT_DROP,
     DTYPES,
     EVAL_TASKS,
     EXPORT_FORMATS,
     GRANULARITIES,
+    KV_ORDERS,
     PLAN_FORMATS,
     QUICK_EVAL,
     SEARCH_METHODS,
     TOKEN_MODES,
     AnalyzeSettings,
+    CacheSettings,
     EvalJob,
     EvalSettings,
     ExportSettings,
     GenerateSettings,
     HealJob,
     HealSettings,
+    KVSearchSettings,
     ModelSpec,
     PruneJob,
     PruneSettings,
@@ -138,8 +142,10 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="JSON results path (default: a new timestamped file).")
 @click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
+@click.option("--kv-cache", type=click.Choice(tuple(CACHE_TYPES)), default=CacheSettings.kind, show_default=True,
+              help="KV cache every plan runs with (int8 / int4: layerlab's per-token quantized caches).")
 def eval_command(source, dtype, device, trust_remote_code, plans, tasks, ppl_text, ctx, stride, ppl_windows,
-                 batch_size, mc_data, mc_items, prompts, max_new_tokens, speed_rounds, out, force) -> None:
+                 batch_size, mc_data, mc_items, prompts, max_new_tokens, speed_rounds, out, force, kv_cache) -> None:
     """Evaluate several plans side by side: one table with a baseline row and deltas, plus JSON."""
     import time
 
@@ -149,7 +155,7 @@ def eval_command(source, dtype, device, trust_remote_code, plans, tasks, ppl_tex
                               batch_size=batch_size, mc_data=mc_data, mc_items=_none_if_zero(mc_items),
                               prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
     job = EvalJob(_spec(source, dtype, device, trust_remote_code), tuple(plans), _names(tasks), evaluation,
-                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force)
+                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, CacheSettings(kv_cache))
     results = jobs.evaluate(job)
     _print(_results_table(results))
     _print(f"results written to {job.out}")
@@ -359,17 +365,29 @@ def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force,
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Greedy: save state after each round.")
 @click.option("--resume", is_flag=True, help="Greedy: continue from --state.")
 @click.option("--force", is_flag=True, help="Greedy: start over, replacing a --state file that layerlab wrote.")
+@click.option("--kv", is_flag=True, help="Find a KV-sharing map instead (KVSharer-style); --fraction is the share "
+              f"of KV memory to share (default {KVSearchSettings.budget}).")
+@click.option("--tolerance", default=KVSearchSettings.tolerance, show_default=True, type=float,
+              help="--kv: calibration perplexity may grow by this share.")
+@click.option("--order", type=click.Choice(KV_ORDERS), default=KVSearchSettings.order, show_default=True,
+              help="--kv: order pairs are tried in (cache distance, or each pair's measured loss).")
+@click.option("--start", help="--kv: plan (text or file) the map is searched on top of.")
 def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
-           ctx, windows, keep, state_path, resume, force) -> None:
-    """Find a plan that removes layers or sublayers: one-shot by a metric, or greedy by perplexity."""
+           ctx, windows, keep, state_path, resume, force, kv, tolerance, order, start) -> None:
+    """Find a plan that removes layers or sublayers (one-shot by a metric, or greedy by perplexity), or with
+    --kv a map of layers that read an earlier layer's keys and values."""
     from rich.table import Table
 
     from . import jobs
 
-    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, fraction, target_speedup,
-                              method, granularity, text, ctx, windows, keep, state_path, resume, force)
+    kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows) if kv else None
+    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove,
+                              None if kv else fraction, target_speedup, method, granularity, text, ctx, windows,
+                              keep, state_path, resume, force, kv_settings, start)
     found = jobs.search(settings)
-    if found.state is not None:
+    if kv:
+        _print_kv_search(found)
+    elif found.state is not None:
         table = Table("round", "removed", "perplexity", "candidates", "aborted", "layer forwards",
                       title=f"greedy search on {text}")
         for t in found.state.trace:
@@ -379,6 +397,20 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
         _print(f"plan: {found.plan.to_text()}   calibration perplexity {found.state.trace[-1]['perplexity']:.3f}")
     else:
         _print(f"plan: {found.plan.to_text()}")
+
+
+def _print_kv_search(found) -> None:
+    """The accepted KV pairs with the calibration perplexity after each, then the plan."""
+    from rich.table import Table
+
+    from .kv_search import accepted_pairs
+
+    table = Table("accepted pair", "calibration perplexity", "layer forwards",
+                  title=f"KV search (start perplexity {found.state.trace[0]['start_perplexity']:.3f})")
+    for entry in accepted_pairs(found.state):
+        table.add_row(entry["pair"], f"{entry['perplexity']:.3f}", str(entry["layer_forwards"]))
+    _print(table)
+    _print(f"plan: {found.plan.to_text()}   ({len(found.plan.kv)} layers read another layer's keys and values)")
 
 
 @cli.command()

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PlanError
 from .io import atomic_write_json
 from .models import ModelInfo
 from .plan import Plan, unique_plans
@@ -29,14 +30,21 @@ from .settings import (
     ScoreSettings,
     SearchSettings,
     SpeculateSettings,
+    check_kv_types,
     check_windows,
 )
 
 
+def load_plan(info: ModelInfo, source: str) -> Plan:
+    """A plan (text or file) checked against the model's config: layer count, and KV pairs' attention types."""
+    plan = Plan.load(source, info.num_layers)
+    check_kv_types(plan, info.layer_types)
+    return plan
+
+
 def plans_with_baseline(info: ModelInfo, plans: tuple[str, ...]) -> list[Plan]:
     """The identity plan first, then each given plan (text or file) checked against the model, without repeats."""
-    n = info.num_layers
-    return unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    return unique_plans([Plan.identity(info.num_layers)] + [load_plan(info, p) for p in plans])
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -55,6 +63,7 @@ def generate(settings: GenerateSettings) -> tuple[list[Plan], list]:
 def evaluate(job: EvalJob) -> dict:
     """Several plans side by side; the results are written to `job.out` and returned."""
     from .evaluate.compare import evaluate_plans
+    from .kvcache import kv_cache
 
     info = job.model.inspect()
     job.check(info)
@@ -62,7 +71,9 @@ def evaluate(job: EvalJob) -> dict:
     if "ppl" in job.tasks:
         check_windows(job.model, [("--ppl-text", job.evaluation.ppl_text, job.evaluation.ctx)])
     model, tokenizer = job.model.load()
-    results = evaluate_plans(model, tokenizer, plans, job.tasks, job.evaluation) | {"model": job.model.source}
+    with kv_cache(model, job.cache):
+        results = evaluate_plans(model, tokenizer, plans, job.tasks, job.evaluation)
+    results |= {"model": job.model.source, "kv_cache": job.cache.kind}
     atomic_write_json(job.out, results, force=job.force)
     return results
 
@@ -86,7 +97,7 @@ def score(settings: ScoreSettings) -> ScoreResult:
 
     info = settings.model.inspect()
     settings.check(info)
-    plan = Plan.load(settings.plan, info.num_layers)
+    plan = load_plan(info, settings.plan)
     calibration = read_text(settings.text)
     check_windows(settings.model, [("--text", settings.text, settings.ctx)])
     model, tokenizer = settings.model.load()
@@ -131,6 +142,8 @@ def search(settings: SearchSettings) -> SearchResult:
 
     info = settings.model.inspect()
     settings.check(info)
+    if settings.kv is not None:
+        return _search_kv(settings, info)
     remove = settings.removals(info.num_layers)
     calibration = read_text(settings.text)
     budget = Budget(remove, settings.target_speedup)
@@ -147,6 +160,27 @@ def search(settings: SearchSettings) -> SearchResult:
         return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
     scores = similarity(model, tokenizer, calibration, ctx=settings.ctx, windows=settings.windows)
     return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
+
+
+def _search_kv(settings: SearchSettings, info: ModelInfo) -> SearchResult:
+    """A KV-sharing map on top of the start plan (KVSharer-style, resumable); its plan carries the map."""
+    from .corpora import read_text
+    from .kv_search import kv_state_record, search_kv
+    from .search import resumable_state
+
+    start = load_plan(info, settings.start) if settings.start else None
+    if start is not None and (start.kv or len(set(start.layers)) < len(start.steps)):
+        raise PlanError("--start must be a plan without a kv: clause that runs each layer at most once")
+    calibration = read_text(settings.text)
+    provenance = {"model": info.fingerprint}
+    if settings.resume and settings.state and Path(settings.state).exists():  # refuse another run's state now
+        record = kv_state_record(calibration, settings.kv, start or Plan.identity(info.num_layers), provenance)
+        resumable_state(settings.state, record)
+    check_windows(settings.model, [("--text", settings.text, settings.kv.ctx)])
+    model, tokenizer = settings.model.load()
+    state = search_kv(model, tokenizer, calibration, settings.kv, start, state_path=settings.state,
+                      resume=settings.resume, provenance=provenance)
+    return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
 
 
 # ------------------------------------------------------------------------------------------ heal
@@ -166,7 +200,7 @@ def heal(job: HealJob) -> HealOutcome:
 
     info = job.model.inspect()
     job.check(info)
-    plan = Plan.load(job.plan, info.num_layers)
+    plan = load_plan(info, job.plan)
     healing = read_text(job.data)
     held_out = read_text(job.eval_text) if job.eval_windows else None
     check_windows(job.model, [("--data", job.data, job.training.ctx)] +
@@ -233,7 +267,7 @@ def export(settings: ExportSettings) -> Path:
 
     info = settings.model.inspect()
     settings.check(info)
-    Plan.load(settings.plan, info.num_layers)  # a bad plan fails before the export loads anything
+    load_plan(info, settings.plan)  # a bad plan fails before the export loads anything
     return run_export(settings.model.source, settings.plan, settings.out, settings.format, force=settings.force,
                       remote_code=settings.remote_code, eval_windows=settings.eval_windows)
 

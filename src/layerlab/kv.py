@@ -39,6 +39,7 @@ from torch import nn
 from .arch import Arch, decoder_layers
 from .errors import PlanError
 from .plan import Plan
+from .settings import check_kv_types
 
 
 class KVChannel:
@@ -133,17 +134,13 @@ def check_kv(model: nn.Module, plan: Plan) -> None:
 
     arch = arch_of(model)
     layers = decoder_layers(model)
-    config = model.config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None)
+    check_kv_types(plan, tuple(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()))
     for consumer, source in plan.kv:
         name = f"kv pair {consumer}<-{source}"
         shapes = [_attention_shapes(layers[i]._modules[arch.attention]) for i in (consumer, source)]
         if shapes[0] != shapes[1]:
             raise PlanError(f"{name}: the layers' attention shapes differ ({shapes[0]} vs {shapes[1]}); "
                             "pair layers whose key/value heads have the same shape")
-        if types is not None and len(types) == plan.num_layers and types[consumer] != types[source]:
-            raise PlanError(f"{name}: layer {consumer} is {types[consumer]} but layer {source} is {types[source]}; "
-                            "their masks and rotary embeddings differ, so pair layers of the same type")
 
 
 def _attention_shapes(attention: nn.Module) -> dict[str, Any]:

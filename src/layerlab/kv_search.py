@@ -26,9 +26,10 @@ loss exceeds the tolerance (a loss sum only grows).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,31 +41,14 @@ from .evaluate.perplexity import calibration_windows, scored_tokens, window_nll
 from .kv import KVChannel, check_kv, wire
 from .plan import Plan
 from .runtime import apply_plan
-from .search import SearchState
+from .search import SearchState, resumable_state
+from .settings import KVSearchSettings
 
-ORDERS = ("dissimilar", "similar", "loss")
 
-
-@dataclass(frozen=True)
-class KVSearchSettings:
-    """How to search: the budget, the tolerance, the pair order and the calibration windows."""
-
-    budget: float = 0.3  # at most this share of the plan's attention layers read another layer's KV
-    tolerance: float = 0.05  # calibration perplexity may grow by at most this share over the start plan's
-    order: str = "dissimilar"
-    ctx: int = 256
-    windows: int = 4
-    reuse: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.budget < 1:
-            raise LayerlabError(f"the KV budget is a share of the layers between 0 and 1, got {self.budget}")
-        if self.tolerance < 0:
-            raise LayerlabError(f"the tolerance is a share of perplexity, at least 0, got {self.tolerance}")
-        if self.order not in ORDERS:
-            raise LayerlabError(f"unknown pair order {self.order!r}; choose from {', '.join(ORDERS)}")
-        if self.ctx < 2 or self.windows < 1:
-            raise LayerlabError("calibration needs ctx >= 2 tokens and at least one window")
+def kv_state_record(text: str, settings: KVSearchSettings, start: Plan, provenance: dict | None = None) -> dict:
+    """What a KV search's state records about the run that produced it (compared on resume)."""
+    return asdict(settings) | {"start": start.to_text(), "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                               **(provenance or {})}
 
 
 def consumers_allowed(plan: Plan, budget: float) -> int:
@@ -162,10 +146,12 @@ class KVRecorder:
 
 def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Plan | None = None,
               state_path: str | Path | None = None, resume: bool = False, max_tries: int | None = None,
-              progress: bool = True) -> SearchState:
+              progress: bool = True, provenance: dict | None = None) -> SearchState:
     """Choose KV-sharing pairs (see the module docstring); the result's `plan` carries the map.
 
     `max_tries` stops this call after that many pairs were tried (a later call with `resume=True` goes on).
+    The state records the settings, the calibration text's hash and `provenance` (the model's fingerprint),
+    as the greedy search's does: resuming with any of them different is a one-line error.
     """
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     start = start or Plan.identity(n_layers)
@@ -174,12 +160,9 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
     if start.kv:
         raise PlanError("the KV search starts from a plan without a kv: clause; it chooses the map itself")
     windows = calibration_windows(tokenizer, text, settings.ctx, settings.windows)
-    recorded = asdict(settings) | {"start": start.to_text()}
+    recorded = kv_state_record(text, settings, start, provenance)
     if resume and state_path and Path(state_path).exists():
-        state = SearchState.load(state_path)
-        if state.settings != recorded:
-            raise LayerlabError(f"{state_path} was written with other settings {state.settings}; "
-                                "resume with the same options or start a new state file")
+        state = resumable_state(state_path, recorded)
     else:
         state = SearchState(start.to_dict(), None, settings=recorded)
     evaluator = KVRecorder(model, windows, start, settings.reuse)

@@ -1,6 +1,6 @@
 """Quantized KV caches: per-token 8-bit and 4-bit storage, and transformers' own quantized backends.
 
-Cache types (`CACHE_TYPES`, chosen with `CacheSettings`):
+Cache types (`settings.CACHE_TYPES`, chosen with `settings.CacheSettings`):
 - `full`: transformers' `DynamicCache` at the model's dtype (the reference).
 - `int8`, `int4`: layerlab's own cache layers. Every new token's key and value vectors are quantized
   per token and per head over the head dimension, asymmetrically (`x ~ code * scale + min`, codes
@@ -29,11 +29,9 @@ slots stay empty) in either order.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,6 +50,7 @@ from .arch import arch_of, get_path
 from .errors import LayerlabError
 from .evaluate.perplexity import PerplexityResult, bos_id, encode_text, logits_nll, make_windows
 from .runtime import EmptySlot, cache_argument
+from .settings import CacheSettings
 
 SCALE_DTYPE = torch.float16
 
@@ -166,71 +165,20 @@ class PerTokenQuantizedSlidingLayer(PerTokenQuantizedLayer):
 
 
 # ------------------------------------------------------------------------------------------ cache types
-@dataclass(frozen=True)
-class CacheType:
-    name: str
-    description: str
-    bits: int | None = None  # layerlab's per-token types
-    backend: str | None = None  # transformers' QuantizedCache backend
-    nbits: int | None = None
-    package: str | None = None  # the Python module the backend needs
+def layer_types(config) -> tuple[str, ...]:
+    """The attention type of each layer, as transformers' caches see them."""
+    return tuple(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
 
 
-CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (
-    CacheType("full", "transformers' DynamicCache at the model's dtype"),
-    CacheType("int8", "layerlab: 8-bit codes per token and head, float16 scale and min", bits=8),
-    CacheType("int4", "layerlab: 4-bit codes per token and head, float16 scale and min", bits=4),
-    CacheType("fp8", "transformers: float8 e4m3, one frozen scale per tensor (full attention only)", backend="fp8"),
-    CacheType("quanto-int4", "transformers + optimum-quanto: 4-bit groups (full attention only)", backend="quanto",
-              nbits=4, package="optimum.quanto"),
-    CacheType("quanto-int2", "transformers + optimum-quanto: 2-bit groups (full attention only)", backend="quanto",
-              nbits=2, package="optimum.quanto"),
-    CacheType("hqq-int8", "transformers + hqq: 8-bit groups (full attention only)", backend="hqq", nbits=8,
-              package="hqq"),
-    CacheType("hqq-int4", "transformers + hqq: 4-bit groups (full attention only)", backend="hqq", nbits=4,
-              package="hqq"),
-)}
-_PIP_NAMES = {"optimum.quanto": "optimum-quanto", "hqq": "hqq"}
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """Which KV cache a model runs with (`CACHE_TYPES`)."""
-
-    kind: str = "full"
-
-    def __post_init__(self) -> None:
-        if self.kind not in CACHE_TYPES:
-            raise LayerlabError(f"unknown KV cache type {self.kind!r}; choose from {', '.join(CACHE_TYPES)}")
-
-    @property
-    def type(self) -> CacheType:
-        return CACHE_TYPES[self.kind]
-
-    def check(self, config) -> None:
-        """Refuse a cache type this model cannot take (before any work)."""
-        kind = self.type
-        if kind.package and importlib.util.find_spec(kind.package.split(".")[0]) is None:
-            raise LayerlabError(f"KV cache {self.kind!r} needs the {_PIP_NAMES[kind.package]} package "
-                                f"(pip install {_PIP_NAMES[kind.package]}), which is not installed; "
-                                f"use int{kind.nbits if kind.nbits in (4, 8) else 4} (layerlab's own) instead")
-        if kind.backend:
-            text = config.get_text_config(decoder=True)
-            types = set(get_layer_types_and_kwargs(text)[0]) - {"dummy"}
-            if types - {"full_attention"}:
-                raise LayerlabError(f"KV cache {self.kind!r} is transformers' QuantizedCache, which takes only models "
-                                    f"whose layers all use full attention; {text.model_type} has "
-                                    f"{', '.join(sorted(types - {'full_attention'}))} layers: use int8 or int4")
-
-    def new_cache(self, config) -> Cache:
-        """An empty cache of this type for a model with this config (a plan's config while one is applied)."""
-        kind = self.type
-        if kind.backend:
-            return QuantizedCache(kind.backend, config, nbits=kind.nbits)
-        cache = DynamicCache(config=config)
-        if kind.bits:
-            _quantize_layers(cache, kind.bits)
-        return cache
+def new_cache(settings: CacheSettings, config) -> Cache:
+    """An empty cache of this type for a model with this config (a plan's config while one is applied)."""
+    kind = settings.type
+    if kind.backend:
+        return QuantizedCache(kind.backend, config, nbits=kind.nbits)
+    cache = DynamicCache(config=config)
+    if kind.bits:
+        _quantize_layers(cache, kind.bits)
+    return cache
 
 
 def _quantize_layers(cache: Cache, bits: int) -> None:
@@ -258,10 +206,10 @@ def _use_cache_type(module: nn.Module, args: tuple, kwargs: dict, *, settings: C
     if settings.kind == "full":
         return args, kwargs
     if cache is None:
-        kwargs[name] = settings.new_cache(config)
+        kwargs[name] = new_cache(settings, config)
     elif _fresh_dynamic(cache):
         dummies = [i for i, layer in enumerate(cache.layers) if isinstance(layer, DummyLayer)]
-        cache.layers = settings.new_cache(config).layers
+        cache.layers = new_cache(settings, config).layers
         cache.layer_class_to_replicate = None
         for i in dummies:
             cache.layers[i] = EmptySlot(cache)
@@ -272,7 +220,7 @@ def _use_cache_type(module: nn.Module, args: tuple, kwargs: dict, *, settings: C
 def kv_cache(model: nn.Module, settings: CacheSettings) -> Iterator[None]:
     """Run every forward of `model` inside the block on a cache of this type (see the module docstring)."""
     config = model.config.get_text_config(decoder=True)
-    settings.check(config)
+    settings.check(layer_types(config), config.model_type)
     owner = get_path(model, arch_of(model).layers.rpartition(".")[0])
     hook = functools.partial(_use_cache_type, settings=settings, config=config)
     handle = owner.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)

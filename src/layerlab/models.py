@@ -99,6 +99,7 @@ class ModelInfo:
     num_layers: int
     model_type: str
     fingerprint: dict  # what resumable artifacts record, to refuse resuming with another model
+    layer_types: tuple[str, ...] = ()  # attention type per layer where the config says (Gemma 3), else ()
 
     @property
     def input_paths(self) -> list[Path]:
@@ -328,7 +329,8 @@ def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
     if text.model_type not in ARCHITECTURES:
         raise unsupported(text.model_type)
     return ModelInfo(source, resolved, int(text.num_hidden_layers), text.model_type,
-                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved})
+                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved},
+                     tuple(getattr(text, "layer_types", None) or ()))
 
 
 def layer_count(source: str, trust_remote_code: bool = False) -> int:
