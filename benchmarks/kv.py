@@ -41,7 +41,7 @@ from layerlab.corpora import read_choices, read_text
 from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import bos_id, encode_text, make_windows, window_nll
 from layerlab.evaluate.speed import PeakMemory, interleaved, prefill_decode_seconds
-from layerlab.io import atomic_write_text
+from layerlab.io import update_file
 from layerlab.kv import cache_bytes
 from layerlab.kv_search import KVSearchSettings, accepted_pairs, consumers_allowed, search_kv
 from layerlab.kvcache import CacheSettings, kv_cache
@@ -65,7 +65,7 @@ def options() -> argparse.Namespace:
     parser.add_argument("--calib-windows", type=int, default=2)
     parser.add_argument("--ppl-text", default="pride-and-prejudice")
     parser.add_argument("--windows-2k", type=int, default=4)
-    parser.add_argument("--windows-4k", type=int, default=2)
+    parser.add_argument("--windows-4k", type=int, default=2, help="0 skips the 4096-token perplexity")
     parser.add_argument("--mc-rows", type=int, default=200)
     parser.add_argument("--bytes-tokens", type=int, default=2048)
     parser.add_argument("--stages", default="search,extend,quality,speed")
@@ -160,8 +160,9 @@ def quality(model, tokenizer, plan: Plan, cache: str, args, texts: dict, items, 
     with apply_plan(model, plan), kv_cache(model, CacheSettings(cache)):
         row = {"kv_bytes_per_token": kv_bytes_per_token(model, args.bytes_tokens),
                "nll_2k": window_perplexities(model, tokenizer, texts["ppl"], 2048, args.windows_2k)}
-        if full:
+        if full and args.windows_4k:
             row["nll_4k"] = window_perplexities(model, tokenizer, texts["ppl"], 4096, args.windows_4k)
+        if full:
             mc = multiple_choice(model, tokenizer, items, progress=False)
             row |= {"acc": mc.acc, "acc_norm": mc.acc_norm,
                     "correct_norm": [s.prediction_norm == s.label for s in mc.scores]}
@@ -230,7 +231,7 @@ def table(results: dict, args, n_layers: int) -> str:
              f"(Δ: paired per window, ± one standard error); HellaSwag: first {args.mc_rows} rows "
              f"(acc_norm ±95%; Δ paired)", ""]
     head = ["budget", "map", "cache", "consumers", "KV B/token", "KV vs full", "vs 16-bit", "ppl 2k", "ppl 4k",
-            "acc_norm", "decode x (4k)"]
+            "acc_norm", f"decode x ({args.speed_context} ctx)"]
     body = []
     for name, row in rows.items():
         budget, cache = name.split(":")
@@ -300,7 +301,7 @@ def main() -> None:
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
     def save() -> None:
-        atomic_write_text(out, json.dumps(results, indent=1), force=True)
+        update_file(out, json.dumps(results, indent=1))
 
     stages = args.stages.split(",")
     searched = {order: search(model, tokenizer, args, order, "search" in stages) for order in args.orders.split(",")}
@@ -350,7 +351,7 @@ def main() -> None:
     if "quality" not in results:
         return
     text = table(results, args, n_layers)
-    atomic_write_text(out.with_suffix(".txt"), text, force=True)
+    update_file(out.with_suffix(".txt"), text)
     chart(results, out.with_suffix(".png"))
     print(text)
 
