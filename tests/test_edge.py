@@ -110,6 +110,9 @@ MERGEKIT_HEAD = "merge_method: passthrough\nslices:\n  - sources:\n      - model
 CASES = [
     # data loss: --force replaces only what layerlab wrote, only after every check, never an input
     Case("force-on-a-user-folder", "prune -m {tiny} --force --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("prune-into-a-user-folder", "prune -m {tiny} --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("window-longer-than-the-model-allows", "score -m {tiny} --ctx 4096", "positions the model was built for"),
+    Case("model-neither-local-nor-reachable", "eval -m nobody/no-such-model", "cannot be reached"),
     Case("force-with-a-bad-budget", "prune -m {tiny} --force --drop 150% --out {tmp}/run", "between 0 and 1",
          layerlab_run),
     Case("force-with-a-missing-calibration", "prune -m {tiny} --force --calibration {tmp}/nope.txt --out {tmp}/run",
@@ -185,9 +188,11 @@ CASES = [
     Case("config-without-weights", "generate -m {tmp}/m", "no weights", config_only("llama")),
     Case("cuda-on-a-cpu-torch", "generate -m {tiny} --device cuda", "no CUDA device"),
     Case("bad-device", "generate -m {tiny} --device gpu0", "unknown device"),
-    Case("empty-jsonl", "eval -m {tiny} --tasks mc --mc-data {tmp}/e.jsonl", "is empty", text_file("e.jsonl", "")),
-    Case("jsonl-label-out-of-range", "eval -m {tiny} --tasks mc --mc-data {tmp}/e.jsonl", "e.jsonl:1",
-         text_file("e.jsonl", '{"query": "q", "endings": ["a", "b"], "label": 5}\n')),
+    Case("empty-task-file", "eval -m {tiny} --tasks hellaswag --task-data {tmp}", "holds no rows",
+         text_file("hellaswag_val.jsonl", "")),
+    Case("task-label-out-of-range", "eval -m {tiny} --tasks hellaswag --task-data {tmp}", "hellaswag_val.jsonl:1",
+         text_file("hellaswag_val.jsonl", '{"query": "q", "endings": ["a", "b"], "label": 5}\n')),
+    Case("task-data-not-a-folder", "eval -m {tiny} --tasks arc_easy --task-data {tmp}/none", "does not exist"),
     Case("ppl-text-shorter-than-a-window", "eval -m {tiny} --tasks ppl --ppl-text {tmp}/s.txt --out {tmp}/r.json",
          "fewer than one window", text_file("s.txt", "Too short.")),
     Case("eval-unknown-task", "eval -m {tiny} --tasks bogus", "unknown task 'bogus'"),
@@ -220,6 +225,8 @@ CASES = [
     Case("kv-cache-the-model-cannot-take", "eval -m {tmp}/m --tasks ppl --kv-cache fp8 --out {tmp}/r.json",
          "all use full attention",
          with_weights(config_only("gemma3_text", layer_types=["full_attention", "sliding_attention"]))),
+    Case("kv-cache-with-a-result-store", "eval -m {tiny} --tasks ppl --kv-cache int8 --store {tmp}/s",
+         "--store keeps results without the KV cache type"),
     Case("kv-search-with-a-layer-budget", "search -m {tiny} --kv --remove 2", "--kv takes its budget as --fraction"),
     Case("kv-search-budget-not-a-share", "search -m {tiny} --kv --fraction 1.5", "between 0 and 1"),
     Case("kv-search-negative-tolerance", "search -m {tiny} --kv --tolerance -1", "tolerance"),
@@ -377,7 +384,7 @@ def save_then_terminate(self, *args, **kwargs):
 transformers.PreTrainedModel.save_pretrained = save_then_terminate
 from layerlab.cli import main
 sys.exit(main(["prune", "-m", {str(tiny_folder)!r}, "--layers", "1", "--ctx", "32", "--windows", "1",
-               "--ppl-windows", "1", "--mc-items", "2", "--out", {str(out)!r}]))
+               "--ppl-windows", "1", "--rows", "2", "--out", {str(out)!r}]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 143, result.stderr[-3000:]

@@ -15,8 +15,8 @@ from layerlab import Plan, apply_plan
 from layerlab.prune import QUICK_EVAL, PruneSettings, prune
 
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
-                         evaluation=replace(QUICK_EVAL, ppl_windows=2, mc_items=4, max_new_tokens=4, speed_rounds=1,
-                                            speed_prompt_tokens=16, speed_decode_tokens=4))
+                         evaluation=replace(QUICK_EVAL, ppl_windows=2, rows=4, max_new_tokens=4, speed_rounds=1,
+                                            speed_max_rounds=1, speed_prompt_tokens=16, speed_decode_tokens=4))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     with torch.no_grad(), apply_plan(model, plan):
         assert (exported(ids).logits - model(ids).logits).abs().max() <= 1e-4
     html = (out / "report.html").read_text()
-    assert html.count("<img src=\"data:image/png;base64,") == 6 and html.count("<table>") == 3
+    assert html.count("<img src=\"data:image/png;base64,") == 6 and html.count("<table>") == 4  # eval: summary, tasks
 
 
 def test_a_resumed_job_reuses_every_finished_step(job):
@@ -92,6 +92,6 @@ def test_prune_with_healing_adds_a_healed_row_and_model(tiny_folder, tmp_path):
     data = prune(model, tokenizer, str(tiny_folder), tmp_path / "out", settings, progress=False)
     healed = data["healed"]
     assert healed["plan"] == data["plan"] + " + LoRA" and len(healed["losses"]) == 2
-    assert "ppl_pct" in healed["delta"] and "acc_norm" in healed["delta"]
+    assert "delta" in healed["ppl"] and "acc_norm" in healed["tasks"]["hellaswag"]["delta"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "healed").config.num_hidden_layers == 4
     assert "+ LoRA" in (tmp_path / "out" / "report.html").read_text() and not (tmp_path / "out" / "model").exists()

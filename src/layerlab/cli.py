@@ -10,6 +10,7 @@ torch and transformers load inside the commands.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -124,67 +125,82 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 
 @cli.command("eval")
 @model_options
-@click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is the baseline row.")
-@click.option("--tasks", "-t", default=",".join(EVAL_TASKS), show_default=True,
-              help=f"Comma-separated, from: {', '.join(EVAL_TASKS)}.")
+@click.option("--plan", "-p", "plans", multiple=True,
+              help="Layer plan (repeatable, or comma-separated: all,skip:20-23); 'all' is the baseline row.")
+@click.option("--tasks", "-t", default=",".join(EvalSettings.tasks), show_default=True,
+              help=f"Comma-separated, from: {', '.join(EVAL_TASKS)}, mmlu_<subject> (lm-eval's names; "
+                   "suite = every zero-shot task).")
+@click.option("--rows", default=EvalSettings.rows, show_default=True, type=int,
+              help="Rows per zero-shot task; 0 means all the data has.")
+@click.option("--task-data", type=click.Path(file_okay=False),
+              help="Folder with full task files (default: the subsets bundled with layerlab).")
+@click.option("--task-batch-size", type=int,
+              help="Whole task sequences per forward pass (GPU); default: shared contexts (CPU).")
 @click.option("--ppl-text", default=EvalSettings.ppl_text, show_default=True,
               help="Bundled corpus name, text file or hf:DATASET[:CONFIG]:SPLIT[:FIELD].")
 @click.option("--ctx", default=EvalSettings.ctx, show_default=True, type=int)
 @click.option("--stride", type=int, help="Sliding windows scoring only new tokens (default: none).")
 @click.option("--ppl-windows", default=EvalSettings.ppl_windows, show_default=True, type=int,
               help="0 means all windows.")
-@click.option("--batch-size", default=EvalSettings.batch_size, show_default=True, type=int)
-@click.option("--mc-data", default=EvalSettings.mc_data, show_default=True, help="Bundled name or JSONL file.")
-@click.option("--mc-items", default=EvalSettings.mc_items, show_default=True, type=int, help="0 means all items.")
+@click.option("--batch-size", default=EvalSettings.batch_size, show_default=True, type=int,
+              help="Perplexity windows per forward pass.")
 @click.option("--prompt", "prompts", multiple=True, default=EvalSettings.prompts, show_default=True)
 @click.option("--max-new-tokens", "-n", default=EvalSettings.max_new_tokens, show_default=True, type=int)
-@click.option("--speed-rounds", default=EvalSettings.speed_rounds, show_default=True, type=int)
+@click.option("--speed-rounds", default=EvalSettings.speed_rounds, show_default=True, type=int,
+              help="Interleaved speed rounds at least; more are added while they disagree.")
+@click.option("--speed-max-rounds", default=EvalSettings.speed_max_rounds, show_default=True, type=int)
+@click.option("--confidence", default=EvalSettings.confidence, show_default=True, type=float,
+              help="Level of every interval and significance mark.")
+@click.option("--store", type=click.Path(file_okay=False),
+              help="Folder keeping each (plan, task) result as it is measured; a rerun reuses them (resume).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="JSON results path (default: a new timestamped file).")
 @click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
 @click.option("--kv-cache", type=click.Choice(tuple(CACHE_TYPES)), default=CacheSettings.kind, show_default=True,
               help="KV cache every plan runs with (int8 / int4: layerlab's per-token quantized caches).")
-def eval_command(source, dtype, device, trust_remote_code, plans, tasks, ppl_text, ctx, stride, ppl_windows,
-                 batch_size, mc_data, mc_items, prompts, max_new_tokens, speed_rounds, out, force, kv_cache) -> None:
-    """Evaluate several plans side by side: one table with a baseline row and deltas, plus JSON."""
+def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, task_data, task_batch_size, ppl_text,
+                 ctx, stride, ppl_windows, batch_size, prompts, max_new_tokens, speed_rounds, speed_max_rounds,
+                 confidence, store, out, force, kv_cache) -> None:
+    """Evaluate several plans side by side in one model load: values with intervals, paired deltas, JSON."""
     import time
 
-    from . import jobs
+    evaluation = EvalSettings(tasks=tasks, rows=_none_if_zero(rows), task_data=task_data,
+                              task_batch_size=task_batch_size, ppl_text=ppl_text, ctx=ctx, stride=stride,
+                              ppl_windows=_none_if_zero(ppl_windows), batch_size=batch_size, prompts=tuple(prompts),
+                              max_new_tokens=max_new_tokens, speed_rounds=speed_rounds,
+                              speed_max_rounds=speed_max_rounds, confidence=confidence)
+    job = EvalJob(_spec(source, dtype, device, trust_remote_code), _plan_list(plans), evaluation,
+                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store, CacheSettings(kv_cache))
+    from . import jobs  # torch loads here, after the settings are checked
 
-    evaluation = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=_none_if_zero(ppl_windows),
-                              batch_size=batch_size, mc_data=mc_data, mc_items=_none_if_zero(mc_items),
-                              prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
-    job = EvalJob(_spec(source, dtype, device, trust_remote_code), tuple(plans), _names(tasks), evaluation,
-                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, CacheSettings(kv_cache))
     results = jobs.evaluate(job)
-    _print(_results_table(results))
+    _print_results(results)
     _print(f"results written to {job.out}")
 
 
-RESULT_COLUMNS = [  # (task, header, cell) for the eval table
-    ("ppl", "ppl", lambda r: f"{r['ppl']['perplexity']:.2f}"),
-    ("ppl", "Δppl", lambda r: f"{r['delta']['ppl_pct']:+.1f}%"),
-    ("mc", "acc", lambda r: f"{r['mc']['acc']:.3f}"),
-    ("mc", "acc_norm", lambda r: f"{r['mc']['acc_norm']:.3f}"),
-    ("mc", "Δacc_norm", lambda r: f"{r['delta']['acc_norm']:+.3f}"),
-    ("speed", "prefill tok/s", lambda r: f"{r['speed']['prefill_tokens_per_s']:.0f}"),
-    ("speed", "decode tok/s", lambda r: f"{r['speed']['decode_tokens_per_s']:.1f}"),
-    ("speed", "decode ×", lambda r: f"{r['delta']['decode_speedup']:.2f}"),
-    ("speed", "params MB", lambda r: f"{r['speed']['parameter_bytes'] / 2**20:.0f}"),
-    ("samples", "sample", lambda r: r["samples"][0]["prompt"] + r["samples"][0]["text"]),
-]
+_NEXT_PLAN = re.compile(r",(?=\s*(?:all\s*(?:,|$)|(?:attn-|mlp-)?skip:|[^,]+\.(?:json|ya?ml)\s*(?:,|$)))")
 
 
-def _results_table(results: dict):
-    """One row per plan; deltas against the baseline (first) row."""
+def _plan_list(plans: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated --plan values, each possibly several plans joined by commas (`all,skip:20-23`): a comma starts
+    a new plan only before `all`, a `skip:` clause or a plan file, so layer lists (`0-9,12-29`) stay whole."""
+    return tuple(p.strip() for text in plans for p in _NEXT_PLAN.split(text) if p.strip())
+
+
+def _print_results(results: dict) -> None:
+    """The summary table (one row per plan), the per-task table when there are zero-shot tasks, the legend."""
+    from rich.markup import escape
     from rich.table import Table
 
-    rows = results["rows"]
-    columns = [(header, cell) for task, header, cell in RESULT_COLUMNS if task in rows[0]]
-    table = Table("plan", "steps", *(header for header, _ in columns), show_lines=True)
-    for row in rows:
-        table.add_row(row["plan"], str(row["steps"]), *(cell(row) for _, cell in columns))
-    return table
+    from .evaluate.table import NOTE, summary_table, task_table
+
+    tables = [summary_table(results)] + ([task_table(results)] if "tasks" in results["rows"][0] else [])
+    for rows in tables:
+        table = Table(*map(escape, rows[0]), show_lines=True)
+        for row in rows[1:]:
+            table.add_row(*map(escape, row))
+        _print(table)
+    _print(f"[dim]{escape(NOTE)}[/dim]")
 
 
 @cli.command()
@@ -475,8 +491,10 @@ def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, r
               help="Greedy: share of candidates kept for the next round.")
 @click.option("--ppl-windows", default=QUICK_EVAL.ppl_windows, show_default=True, type=int,
               help="Evaluation: windows of 512 tokens of wikitext2-test.")
-@click.option("--mc-items", default=QUICK_EVAL.mc_items, show_default=True, type=int,
-              help="Evaluation: HellaSwag rows.")
+@click.option("--tasks", "-t", default=",".join(QUICK_EVAL.tasks), show_default=True,
+              help="Evaluation: as for layerlab eval (e.g. ppl,suite,samples,speed).")
+@click.option("--rows", default=QUICK_EVAL.rows, show_default=True, type=int,
+              help="Evaluation: rows per zero-shot task (0: all).")
 @click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
 @click.option("--heal-steps", type=int, help="Healing steps (default: layerlab heal's).")
 @click.option("--export/--no-export", default=PruneSettings.export, show_default=True,
@@ -485,7 +503,7 @@ def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, r
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder that layerlab wrote.")
 def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup, granularity, calibration, windows,
-          ctx, keep, ppl_windows, mc_items, heal, heal_steps, export, out, resume, force) -> None:
+          ctx, keep, ppl_windows, tasks, rows, heal, heal_steps, export, out, resume, force) -> None:
     """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
     from dataclasses import replace
 
@@ -494,7 +512,8 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
     healing = HealSettings() if heal_steps is None else HealSettings(steps=heal_steps)
     settings = PruneSettings(drop=_share(drop), layers=layers, target_speedup=target_speedup, granularity=granularity,
                              calibration=calibration, calib_ctx=ctx, calib_windows=windows, keep=keep,
-                             evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, mc_items=mc_items), heal=heal,
+                             evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, tasks=tasks,
+                                                rows=_none_if_zero(rows)), heal=heal,
                              heal_settings=healing, export=export)
     job = PruneJob(_spec(source, dtype, device, trust_remote_code), settings, out, resume, force)
     try:
@@ -503,8 +522,8 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
         if (Path(out) / "search.json").is_file():
             click.echo(f"finished steps are kept in {out}: rerun with --resume to continue", err=True)
         raise
-    rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
-    _print(_results_table({"rows": rows}))
+    _print_results(data["evaluation"] | {"rows": data["evaluation"]["rows"] + ([data["healed"]] if data["healed"]
+                                                                                else [])})
     _print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
            f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
            f"({data['best_one_shot']['method']}))")

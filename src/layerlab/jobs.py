@@ -60,19 +60,19 @@ def generate(settings: GenerateSettings) -> tuple[list[Plan], list]:
 
 
 # ------------------------------------------------------------------------------------------ eval
-def evaluate(job: EvalJob) -> dict:
-    """Several plans side by side; the results are written to `job.out` and returned."""
+def evaluate(job: EvalJob, progress: bool = True) -> dict:
+    """Several plans side by side in one model load; the results are written to `job.out` and returned."""
     from .evaluate.compare import evaluate_plans
     from .kvcache import kv_cache
 
     info = job.model.inspect()
     job.check(info)
     plans = plans_with_baseline(info, job.plans)
-    if "ppl" in job.tasks:
+    if "ppl" in job.evaluation.tasks:
         check_windows(job.model, [("--ppl-text", job.evaluation.ppl_text, job.evaluation.ctx)])
     model, tokenizer = job.model.load()
     with kv_cache(model, job.cache):
-        results = evaluate_plans(model, tokenizer, plans, job.tasks, job.evaluation)
+        results = evaluate_plans(model, tokenizer, plans, job.evaluation, store=job.store, progress=progress)
     results |= {"model": job.model.source, "kv_cache": job.cache.kind}
     atomic_write_json(job.out, results, force=job.force)
     return results

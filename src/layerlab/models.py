@@ -301,10 +301,38 @@ def read_config(source: str, resolved: Path | str, trust_remote_code: bool = Fal
     """A model's config, without weights; every failure is a one-line ModelLoadError."""
     from transformers import AutoConfig
 
+    if isinstance(resolved, str) and not _cached_on_hub_side(resolved) and not _hub_reachable():
+        raise ModelLoadError(
+            f"model {source!r} is not a local folder, a .gguf file or an embedded model ({', '.join(EMBEDDED)}), "
+            "and the Hugging Face hub cannot be reached to fetch it; download it elsewhere and pass its folder"
+        )
     try:
         return AutoConfig.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError (unknown model_type, remote code), JSON errors
         raise _load_error(source, exc) from None
+
+
+def _cached_on_hub_side(hub_id: str) -> bool:
+    """Whether the hub cache already holds this model's config (then no network is needed)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connect to the hub, so an offline machine gets one line now, not half a minute of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
@@ -331,6 +359,15 @@ def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
     return ModelInfo(source, resolved, int(text.num_hidden_layers), text.model_type,
                      fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved},
                      tuple(getattr(text, "layer_types", None) or ()))
+
+
+def context_length(source: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the model was built for (`max_position_embeddings`), or None where the config has none."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
+        resolved = convert_gguf(resolved)
+    text = read_config(source, resolved, trust_remote_code).get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None)
 
 
 def layer_count(source: str, trust_remote_code: bool = False) -> int:

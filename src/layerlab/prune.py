@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .corpora import read_text
@@ -88,10 +88,10 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
         plans = unique_plans([Plan.identity(n_layers)] + [Plan.parse(text, n_layers) for _, text in found.values()])
         plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
         evaluation = _cached(work / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
-            model, tokenizer, plans, ("ppl", "mc", "samples", "speed"), settings.evaluation))
+            model, tokenizer, plans, settings.evaluation, store=work / "eval", progress=progress))
         healed = _heal_row(model, tokenizer, chosen, work, settings, progress) if settings.heal else None
-        if healed is not None:
-            add_deltas([dict(evaluation["rows"][0]), healed])  # against the baseline row
+        if healed is not None:  # against the baseline row, paired on the same items
+            add_deltas([dict(evaluation["rows"][0]), healed], settings.evaluation.confidence, settings.evaluation.seed)
         if settings.export and not (work / "model" / "config.json").is_file():
             from .export.hf import export_hf
 
@@ -110,12 +110,12 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
 
 def _record(info: ModelInfo, settings: PruneSettings) -> dict:
     """What produces a run: resuming needs the same model, settings and texts."""
-    sources = {"calibration": settings.calibration, "evaluation": settings.evaluation.ppl_text,
-               "multiple_choice": settings.evaluation.mc_data}
+    sources = {"calibration": settings.calibration, "evaluation": settings.evaluation.ppl_text}
     if settings.heal:
         sources["healing"] = settings.heal_text
     texts = {name: hashlib.sha256(read_text(source).encode("utf-8")).hexdigest()[:16]
              for name, source in sources.items()}
+    texts |= {f"task {name}": data.sha256[:16] for name, data in settings.evaluation.check().items()}
     return {"model": info.fingerprint, "settings": as_dict(settings), "texts": texts}
 
 
@@ -130,6 +130,8 @@ def _check_out(out: Path, job: PruneJob, info: ModelInfo) -> None:
         if job.resume:
             raise OutputError(f"{out} is not a layerlab run folder, so --resume cannot continue it; "
                               "choose another --out")
+        if saved is None:
+            raise OutputError(f"{out} already exists and was not written by layerlab; choose another --out")
         raise OutputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     check_output(out, folder=True, force=job.force, inputs=job.inputs(info))
 
@@ -194,8 +196,8 @@ def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, 
                       checkpoint_dir=out / "healing.checkpoints", resume=True, progress=progress)
         save_healed(result, tokenizer, out / "healed", force=True)
         n = result.model.config.get_text_config(decoder=True).num_hidden_layers
-        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], ("ppl", "mc", "samples"),
-                              settings.evaluation)["rows"]
+        no_speed = replace(settings.evaluation, tasks=tuple(t for t in settings.evaluation.tasks if t != "speed"))
+        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], no_speed, progress=progress)["rows"]
         return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
 
     return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)

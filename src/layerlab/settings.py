@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError, PlanError, SettingsError
+from .errors import DataError, OutputError, PlanError, SettingsError
 from .io import check_not_an_input, check_output, check_writable
 
 if TYPE_CHECKING:
@@ -32,11 +32,97 @@ GRANULARITIES = ("layer", "attn", "mlp", "sublayer")
 ONE_SHOT_METHODS = ("bi", "angular", "cosine")  # implemented by search.one_shot
 SEARCH_METHODS = ("greedy", *ONE_SHOT_METHODS)
 TOKEN_MODES = ("all", "last")  # which tokens the angular distance averages over
-EVAL_TASKS = ("ppl", "mc", "samples", "speed")  # implemented by evaluate.compare
 EXPORT_FORMATS = ("hf", "gguf")
 PLAN_FORMATS = ("table", "text", "json", "llm-drop", "llama-cpp", "mergekit")
 KV_ORDERS = ("dissimilar", "similar", "loss")  # pair orders of kv_search.search_kv
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda)(:\d{1,3})?")
+
+# ------------------------------------------------------------------------------------------ eval tasks
+# Zero-shot tasks under lm-evaluation-harness 0.4.13's names (scored in evaluate/tasks.py), layerlab's own
+# measures (evaluate/compare.py) and shorthands. `parse_tasks` checks a `--tasks` text before any model loads.
+MMLU_GROUPS = {  # lm-eval's MMLU groups and their subjects
+    "stem": ("abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+             "high_school_physics", "high_school_statistics", "machine_learning"),
+    "humanities": ("formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"),
+    "social_sciences": ("econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"),
+    "other": ("business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+              "professional_medicine", "virology"),
+}
+GROUP_OF = {subject: group for group, subjects in MMLU_GROUPS.items() for subject in subjects}
+MMLU_SUBJECTS = tuple(sorted(GROUP_OF))  # lm-eval's order: alphabetical, as in the data file
+
+
+@dataclass(frozen=True)
+class Task:
+    """A zero-shot task: its row format, its file, what lm-eval reports for it."""
+
+    name: str
+    kind: str  # row format: "choice", "partial" (WinoGrande) or "cloze" (LAMBADA); see corpora.ROW_FORMATS
+    file: str  # file name, in a task folder and among the bundled subsets
+    metrics: tuple[str, ...]  # what lm-eval reports for it
+    headline: str  # the metric shown in tables and averaged over tasks: acc_norm where lm-eval reports it
+    subjects: tuple[str, ...] = ()  # MMLU: the subjects it covers
+
+
+def _mmlu(name: str, subjects: tuple[str, ...]) -> Task:
+    return Task(name, "choice", "mmlu_test.jsonl", ("acc",), "acc", subjects)
+
+
+ZERO_SHOT_TASKS: dict[str, Task] = {task.name: task for task in [
+    Task("arc_easy", "choice", "arc_easy_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("piqa", "choice", "piqa_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("winogrande", "partial", "winogrande_val.jsonl", ("acc",), "acc"),
+    Task("boolq", "choice", "boolq_val.jsonl", ("acc",), "acc"),
+    Task("openbookqa", "choice", "openbookqa_test.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    Task("lambada_openai", "cloze", "lambada_openai_test.jsonl", ("perplexity", "acc"), "acc"),
+    Task("hellaswag", "choice", "hellaswag_val.jsonl", ("acc", "acc_norm"), "acc_norm"),
+    _mmlu("mmlu", MMLU_SUBJECTS),
+    *(_mmlu(f"mmlu_{group}", subjects) for group, subjects in MMLU_GROUPS.items()),
+    *(_mmlu(f"mmlu_{subject}", (subject,)) for subject in MMLU_SUBJECTS),
+]}
+SUITE = ("arc_easy", "piqa", "winogrande", "boolq", "openbookqa", "lambada_openai", "mmlu", "hellaswag")
+MEASURES = {
+    "ppl": "perplexity over windows of a text",
+    "samples": "greedy continuations of prompts",
+    "speed": "prefill and decode speed-ups over interleaved rounds, parameter bytes, peak memory",
+}
+TASK_ALIASES = {"suite": SUITE, "mc": ("hellaswag",)}  # mc: HellaSwag's old name here
+_SUBJECT_TASKS = tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)
+EVAL_TASKS = (*MEASURES, *TASK_ALIASES, *(t for t in ZERO_SHOT_TASKS if t not in _SUBJECT_TASKS))  # + mmlu_<subject>
+
+
+def parse_tasks(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Task names from `--tasks` text (comma-separated), aliases expanded, duplicates dropped, each checked."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
+    out: list[str] = []
+    for name in filter(None, names):
+        for resolved in TASK_ALIASES.get(name, (name,)):
+            if resolved not in ZERO_SHOT_TASKS and resolved not in MEASURES:
+                raise SettingsError(_unknown_task(resolved))
+            if resolved not in out:
+                out.append(resolved)
+    if not out:
+        raise SettingsError("no task given; name at least one, e.g. --tasks ppl,hellaswag or --tasks suite")
+    return tuple(out)
+
+
+def _unknown_task(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, [*EVAL_TASKS, *_SUBJECT_TASKS], n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown task {name!r}; {hint}known: {', '.join(EVAL_TASKS)}, mmlu_<subject> (57 subjects)"
+
 
 
 def _choose(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -79,7 +165,11 @@ def check_windows(model: ModelSpec, needs: list[tuple[str, str, int]]) -> None:
     from .evaluate.perplexity import encode_text
 
     tokenizer = model.tokenizer()
+    limit = model.context_length()
     for option, source, ctx in needs:
+        if limit is not None and ctx > limit:
+            raise SettingsError(f"a window of {ctx} tokens for {option} is longer than the {limit} positions the "
+                                "model was built for; use a smaller --ctx")
         text = read_text(source)
         if len(encode_text(tokenizer, text[: 16 * ctx])) > ctx:
             continue
@@ -254,6 +344,12 @@ class ModelSpec:
 
         return load_tokenizer(self.source, self.trust_remote_code)
 
+    def context_length(self) -> int | None:
+        """The positions the model was built for, from its config (no weights load)."""
+        from .models import context_length
+
+        return context_length(self.source, self.trust_remote_code)
+
     def load(self):
         """(model, tokenizer)."""
         from .models import load
@@ -283,68 +379,102 @@ class GenerateSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What each evaluation task runs on; `None` limits mean the whole data."""
+    """What `evaluate_plans` measures and on which data; `None` limits mean all the data has."""
 
+    tasks: tuple[str, ...] = ("ppl", "hellaswag", "samples", "speed")  # or text, e.g. "suite,ppl"
+    rows: int | None = 100  # rows per zero-shot task (MMLU groups: round-robin over subjects)
+    task_data: str | None = None  # folder with the full task files; None = the bundled subsets
+    task_batch_size: int | None = None  # None: shared contexts (CPU); B: whole sequences B at a time (GPU)
     ppl_text: str = "wikitext2-test"
     ctx: int = 512
     stride: int | None = None
     ppl_windows: int | None = 20
-    batch_size: int = 4
-    mc_data: str = "hellaswag-2k"
-    mc_items: int | None = 100
+    batch_size: int = 4  # perplexity windows per forward pass
     prompts: tuple[str, ...] = ("Once upon a time",)
     max_new_tokens: int = 32
     speed_prompt_tokens: int = 128
     speed_decode_tokens: int = 32
-    speed_rounds: int = 3
+    speed_rounds: int = 3  # interleaved rounds at least ...
+    speed_max_rounds: int = 9  # ... added while the per-round ratios disagree, up to this many
+    speed_max_spread: float = 0.10  # disagreement: interquartile range / median of the per-round ratios
+    confidence: float = 0.95
+    seed: int = 0  # of the bootstrap behind the average's interval
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", parse_tasks(self.tasks))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
         _at_least(self.ctx, 2, "ctx")
         _at_least(self.stride, 1, "stride")
         if self.stride is not None and self.stride > self.ctx:
             raise SettingsError(f"stride {self.stride} is larger than ctx {self.ctx}; use a stride up to ctx")
-        _at_least(self.ppl_windows, 1, "ppl_windows")
-        _at_least(self.batch_size, 1, "batch_size")
-        _at_least(self.mc_items, 1, "mc_items")
-        _check_prompts(self.prompts)
-        for name in ("max_new_tokens", "speed_prompt_tokens", "speed_decode_tokens", "speed_rounds"):
+        for name in ("rows", "task_batch_size", "ppl_windows", "batch_size", "max_new_tokens", "speed_prompt_tokens",
+                     "speed_decode_tokens", "speed_rounds"):
             _at_least(getattr(self, name), 1, name)
+        _check_prompts(self.prompts)
+        if self.speed_max_rounds < self.speed_rounds:
+            raise SettingsError(f"speed_max_rounds {self.speed_max_rounds} is below speed_rounds "
+                                f"{self.speed_rounds}; raise it")
+        _share(self.speed_max_spread, "speed_max_spread")
+        if not 0.5 <= self.confidence < 1:
+            raise SettingsError(f"confidence {self.confidence} must be between 0.5 and 1, e.g. 0.95")
+        _seed(self.seed)
 
-    def check(self, tasks: tuple[str, ...]) -> None:
-        if "ppl" in tasks:
+    @property
+    def zero_shot(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks if t in ZERO_SHOT_TASKS)
+
+    def check(self) -> dict:
+        """Every task's rows (`evaluate.tasks.TaskData` by name), read and checked row by row, and the
+        perplexity text: a missing or malformed file fails with its name and line before a model loads."""
+        from .evaluate.tasks import load_task
+
+        if "ppl" in self.tasks:
             check_text_source(self.ppl_text, "--ppl-text")
-        if "mc" in tasks:
-            from .corpora import read_choices
-
-            check_text_source(self.mc_data, "--mc-data")
-            read_choices(self.mc_data, self.mc_items)  # every row it will score, checked now
+        return {name: load_task(name, self.rows, self.task_data) for name in self.zero_shot}
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    """`layerlab eval`: several plans side by side, written to `out`."""
+    """`layerlab eval`: several plans side by side in one model load, written to `out`; with `store`,
+    each (plan, task) result is kept in that folder as soon as it is measured and reused by a rerun."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     plans: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = EVAL_TASKS
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     out: str = "layerlab-eval.json"
     force: bool = False
+    store: str | None = None
     cache: CacheSettings = field(default_factory=CacheSettings)  # the KV cache every plan runs with
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise SettingsError(f"no task given; choose from {', '.join(EVAL_TASKS)}")
-        for task in self.tasks:
-            _choose(task, EVAL_TASKS, "task")
+        if self.store and self.cache.kind != "full":
+            raise SettingsError("--store keeps results without the KV cache type; evaluate --kv-cache "
+                                f"{self.cache.kind} without --store (or into another --out)")
 
     def check(self, info: ModelInfo | None = None) -> None:
         for plan in self.plans:
             check_plan_source(plan)
-        self.evaluation.check(self.tasks)
+        self.evaluation.check()
         if info is not None:
             self.cache.check(info.layer_types, info.model_type)
-        check_output(self.out, force=self.force, inputs=_inputs(info, plan_inputs(self.plans)))
+        task_data = [self.evaluation.task_data] if self.evaluation.task_data else []
+        inputs = _inputs(info, [*plan_inputs(self.plans), *task_data])
+        check_output(self.out, force=self.force, inputs=inputs)
+        if self.store:
+            check_store(self.store, inputs)
+
+
+def check_store(folder: str, inputs: list[str | Path]) -> None:
+    """A results folder to continue: missing, empty, or one layerlab wrote (never an input)."""
+    from .io import read_manifest
+
+    path = Path(folder)
+    check_not_an_input(path, inputs)
+    check_writable(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--store {folder} is a file; give a folder for the per-task results")
+    if path.is_dir() and any(path.iterdir()) and read_manifest(path) is None:
+        raise OutputError(f"--store {folder} holds files layerlab did not write; choose another folder")
 
 
 @dataclass(frozen=True)
@@ -612,7 +742,7 @@ class ExportSettings:
 
 
 DEFAULT_DROP = 0.2
-QUICK_EVAL = EvalSettings(ppl_windows=8, mc_items=50, max_new_tokens=24, speed_rounds=2)
+QUICK_EVAL = EvalSettings(rows=50, ppl_windows=8, max_new_tokens=24, speed_rounds=2, speed_max_rounds=5)
 
 
 @dataclass(frozen=True)
@@ -661,7 +791,7 @@ class PruneSettings:
         if num_layers is not None:
             self.removals(num_layers)
         check_text_source(self.calibration, "--calibration")
-        self.evaluation.check(("ppl", "mc"))
+        self.evaluation.check()
         if self.heal:
             check_text_source(self.heal_text, "healing text")
             check_distinct_texts(self.heal_text, self.evaluation.ppl_text, "the healing text",
@@ -683,5 +813,6 @@ class PruneJob:
             raise SettingsError("--resume continues a run and --force starts over; give one")
 
     def inputs(self, info: ModelInfo | None) -> list[str | Path]:
-        return _inputs(info, _file_inputs(self.settings.calibration, self.settings.evaluation.ppl_text,
-                                          self.settings.evaluation.mc_data, self.settings.heal_text))
+        evaluation = self.settings.evaluation
+        return _inputs(info, [*_file_inputs(self.settings.calibration, evaluation.ppl_text, self.settings.heal_text),
+                              *([evaluation.task_data] if evaluation.task_data else [])])
