@@ -16,8 +16,8 @@ is measured (`evaluate/compare.py`), and each greedy search saves its state afte
 says which results it recomputes because an option changed.
 
     python benchmarks/method_quality.py [--model smollm2-135m] [--counts 4,6,8] [--granularities layer,attn,mlp]
-        [--tasks suite] [--rows 0] [--task-data /work/shared/data/tasks] [--ppl-windows 0] [--device cuda]
-        [--task-batch-size 64] [--out method_quality.json] [--resume]
+        [--tasks suite] [--rows 0] [--task-data /work/shared/data/tasks] [--ppl-windows 0] [--keep 1.0]
+        [--device cuda] [--task-batch-size 64] [--out method_quality.json] [--resume]
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def chosen_plans(model, tokenizer, args) -> list[dict]:
     for granularity in args.granularities:
         start = time.perf_counter()
         search = greedy(model, tokenizer, text, Budget(remove=max(args.counts)), granularity, ctx=args.calib_ctx,
-                        windows=args.search_windows, state_path=f"{args.out}.greedy-{granularity}.json",
-                        resume=args.resume)
+                        windows=args.search_windows, keep=args.keep, resume=args.resume,
+                        state_path=f"{args.out}.greedy-{granularity}.json")
         print(f"greedy {granularity}: {time.perf_counter() - start:.0f} s, {search.layer_forwards} layer forwards",
               flush=True)
         for n in args.counts:
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--calib-ctx", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=16, help="windows for the one-shot metrics")
     parser.add_argument("--search-windows", type=int, default=8, help="windows for the greedy search")
+    parser.add_argument("--keep", type=float, default=1.0,
+                        help="greedy: share of candidates kept each round (1 = no pruning)")
     parser.add_argument("--eval-texts", default="wikitext2-test,pride-and-prejudice", type=lambda s: s.split(","))
     parser.add_argument("--ppl-windows", type=int, default=0, help="first N windows of each text; 0 = all")
     parser.add_argument("--tasks", default="suite", help="zero-shot tasks (lm-eval names, or suite)")

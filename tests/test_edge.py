@@ -28,6 +28,7 @@ class Case:
     argv: str  # {tmp}: the case's folder, {tiny}: a tiny model folder inside it, {gguf}: the smollm2 GGUF
     needle: str  # a piece of the one-line message
     setup: Callable[[Path], None] | None = None  # creates the files the case needs
+    hidden: tuple[str, ...] = ()  # modules that cannot be imported during the case (an extra not installed)
 
 
 # ------------------------------------------------------------------------------------------ setups
@@ -236,6 +237,18 @@ CASES = [
          "cannot carry KV sharing", lambda tmp: shutil.copy(SMOLLM2_GGUF(), tmp / "copy.gguf")),
     Case("calibration-shorter-than-a-window", "prune -m {tiny} --layers 1 --calibration {tmp}/s.txt --out {tmp}/o",
          "fewer than one window", text_file("s.txt", "Far too short to calibrate on.")),
+    # parallel search on Ray: refused before Ray starts or the model loads
+    Case("workers-zero", "search -m {tiny} --remove 1 --workers 0", "--workers must be at least 1"),
+    Case("ray-address-unreachable", "search -m {tiny} --remove 1 --workers 2 --ray-address 127.0.0.1:9",
+         "nothing answers there"),
+    Case("ray-address-not-an-address", "search -m {tiny} --remove 1 --workers 2 --ray-address 'a b'",
+         "is not HOST:PORT"),
+    Case("ray-not-installed", "search -m {tiny} --remove 1 --workers 2", "pip install 'layerlab[ray]'",
+         hidden=("ray",)),
+    Case("eval-ray-not-installed", "eval -m {tiny} --workers 2", "pip install 'layerlab[ray]'", hidden=("ray",)),
+    Case("workers-with-a-one-shot-method", "search -m {tiny} --remove 1 --method bi --workers 2", "drop --workers"),
+    Case("streamed-greedy", "search -m {tiny} --remove 1 --streamed", "--streamed"),
+    Case("streamed-with-ppl-delta", "score -m {tiny} --streamed --ppl-delta", "drop --streamed or --ppl-delta"),
 ]
 TINY: list[Path] = []
 
@@ -262,6 +275,8 @@ def run_case(case: Case, tmp: Path, monkeypatch, capfd) -> tuple[int, list[str],
     if case.setup:
         case.setup(tmp)
     monkeypatch.setattr("layerlab.models.load", _no_model_load)  # every case is refused before the model loads
+    for module in case.hidden:
+        monkeypatch.setitem(sys.modules, module, None)  # find_spec answers None, import fails
     argv = shlex.split(case.argv.replace("{tmp}", str(tmp)).replace("{tiny}", str(tmp / "tiny")))
     before = snapshot(tmp)
     capfd.readouterr()

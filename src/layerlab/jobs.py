@@ -27,6 +27,7 @@ from .settings import (
     ExportSettings,
     GenerateSettings,
     HealJob,
+    ModelSpec,
     ScoreSettings,
     SearchSettings,
     SpeculateSettings,
@@ -42,21 +43,35 @@ def load_plan(info: ModelInfo, source: str) -> Plan:
     return plan
 
 
+def peak_memory(model: ModelSpec):
+    """A `PeakMemory` block for a job's device: the CUDA allocator's peak, or the process's peak RSS (VmHWM).
+
+    Every job measures its whole run (the model load included) and returns the peak in MB."""
+    import torch
+
+    from .evaluate.speed import PeakMemory
+
+    cuda = model.device.startswith("cuda") or (model.device == "auto" and torch.cuda.is_available())
+    return PeakMemory(torch.device(model.device if model.device.startswith("cuda") else "cuda" if cuda else "cpu"))
+
+
 def plans_with_baseline(info: ModelInfo, plans: tuple[str, ...]) -> list[Plan]:
     """The identity plan first, then each given plan (text or file) checked against the model, without repeats."""
     return unique_plans([Plan.identity(info.num_layers)] + [load_plan(info, p) for p in plans])
 
 
 # ------------------------------------------------------------------------------------------ generate
-def generate(settings: GenerateSettings) -> tuple[list[Plan], list]:
-    """Every prompt under every plan (baseline first): `(plans, samples)` in plan-major order."""
+def generate(settings: GenerateSettings) -> tuple[list[Plan], list, float | None]:
+    """Every prompt under every plan (baseline first): `(plans, samples, peak memory MB)`, plan-major order."""
     from .evaluate.samples import generate_table
 
     settings.check()
     plans = plans_with_baseline(settings.model.inspect(), settings.plans)
-    model, tokenizer = settings.model.load()
-    return plans, generate_table(model, tokenizer, list(settings.prompts), plans,
+    with peak_memory(settings.model) as peak:
+        model, tokenizer = settings.model.load()
+        samples = generate_table(model, tokenizer, list(settings.prompts), plans,
                                  max_new_tokens=settings.max_new_tokens, do_sample=settings.sample, seed=settings.seed)
+    return plans, samples, peak.peak_mb
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -70,10 +85,19 @@ def evaluate(job: EvalJob, progress: bool = True) -> dict:
     plans = plans_with_baseline(info, job.plans)
     if "ppl" in job.evaluation.tasks:
         check_windows(job.model, [("--ppl-text", job.evaluation.ppl_text, job.evaluation.ctx)])
-    model, tokenizer = job.model.load()
-    with kv_cache(model, job.cache):
-        results = evaluate_plans(model, tokenizer, plans, job.evaluation, store=job.store, progress=progress)
-    results |= {"model": job.model.source, "kv_cache": job.cache.kind}
+    with peak_memory(job.model) as peak:
+        if job.parallel.parallel:  # one Ray task per plan; the workers hold the model
+            from .parallel import WorkerPool
+            from .parallel import evaluate_plans as evaluate_in_parallel
+
+            with WorkerPool(job.model, job.parallel) as pool:
+                results = evaluate_in_parallel(pool, plans, job.evaluation)
+                results["workers"] = pool.memory()
+        else:
+            model, tokenizer = job.model.load()
+            with kv_cache(model, job.cache):
+                results = evaluate_plans(model, tokenizer, plans, job.evaluation, store=job.store, progress=progress)
+    results |= {"model": job.model.source, "peak_memory_mb": peak.peak_mb, "kv_cache": job.cache.kind}
     atomic_write_json(job.out, results, force=job.force)
     return results
 
@@ -85,6 +109,7 @@ class ScoreResult:
     similarity: object  # metrics.similarity.Similarity
     deltas: object | None  # metrics.perplexity_delta.PerplexityDeltas, when asked for
     out: Path
+    peak_memory_mb: float | None = None
 
 
 def score(settings: ScoreSettings) -> ScoreResult:
@@ -100,18 +125,33 @@ def score(settings: ScoreSettings) -> ScoreResult:
     plan = load_plan(info, settings.plan)
     calibration = read_text(settings.text)
     check_windows(settings.model, [("--text", settings.text, settings.ctx)])
-    model, tokenizer = settings.model.load()
-    result = similarity(model, tokenizer, calibration, plan=plan, ctx=settings.ctx, windows=settings.windows,
-                        tokens=settings.tokens)
-    deltas = perplexity_deltas(model, tokenizer, calibration, plan, ctx=settings.ctx,
-                               windows=settings.windows) if settings.ppl_delta else None
+    deltas = None
+    with peak_memory(settings.model) as peak:
+        if settings.streamed:
+            result = _similarity_streamed(settings.model, calibration, plan, settings.ctx, settings.windows,
+                                          settings.tokens)
+        else:
+            model, tokenizer = settings.model.load()
+            result = similarity(model, tokenizer, calibration, plan=plan, ctx=settings.ctx, windows=settings.windows,
+                                tokens=settings.tokens)
+            deltas = perplexity_deltas(model, tokenizer, calibration, plan, ctx=settings.ctx,
+                                       windows=settings.windows) if settings.ppl_delta else None
     scores = {"producer": "layerlab", **result.to_dict(),
-              **({"perplexity_delta": deltas.to_dict()} if deltas else {})}
+              **({"perplexity_delta": deltas.to_dict()} if deltas else {}),
+              "streamed": settings.streamed, "peak_memory_mb": peak.peak_mb}
     with staged_folder(settings.out, settings.force, kind="score") as staging:
         (staging / "scores.json").write_text(json.dumps(scores, indent=2))
         importance_bars(result, staging / "importance.png")
         angular_heatmap(result, staging / "angular.png")
-    return ScoreResult(plan, result, deltas, Path(settings.out))
+    return ScoreResult(plan, result, deltas, Path(settings.out), peak.peak_mb)
+
+
+def _similarity_streamed(model: ModelSpec, text: str, plan: Plan | None, ctx: int, windows: int, tokens: str = "all"):
+    """The hook metrics read one decoder layer at a time: only the tokenizer and one layer are ever loaded."""
+    from .metrics.similarity import similarity_streamed
+
+    return similarity_streamed(model.source, model.tokenizer(), text, plan=plan, ctx=ctx, windows=windows,
+                               tokens=tokens, dtype=model.torch_dtype(), device=model.device)
 
 
 # ------------------------------------------------------------------------------------------ analyze
@@ -122,9 +162,11 @@ def analyze(settings: AnalyzeSettings) -> dict:
     info = settings.model.inspect()
     settings.check(info)
     plans = plans_with_baseline(info, settings.plans)
-    model, tokenizer = settings.model.load()
-    return run_analyze(model, tokenizer, {p.to_text(): p for p in plans}, settings.prompt, settings.out,
-                       max_heads=settings.max_heads, top_k=settings.top_k, force=settings.force)
+    with peak_memory(settings.model) as peak:
+        model, tokenizer = settings.model.load()
+        results = run_analyze(model, tokenizer, {p.to_text(): p for p in plans}, settings.prompt, settings.out,
+                              max_heads=settings.max_heads, top_k=settings.top_k, force=settings.force)
+    return results | {"peak_memory_mb": peak.peak_mb}
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -132,13 +174,14 @@ def analyze(settings: AnalyzeSettings) -> dict:
 class SearchResult:
     plan: Plan
     state: object | None  # search.SearchState of a greedy search
+    peak_memory_mb: float | None = None  # this process (with --workers: the driver, which holds no weights)
+    workers: list[dict] | None = None  # with --workers: each worker's pid, threads and peak memory
 
 
 def search(settings: SearchSettings) -> SearchResult:
     """A plan removing layers or halves: greedy by calibration perplexity (resumable), or one-shot by a metric."""
     from .corpora import read_text
-    from .metrics.similarity import similarity
-    from .search import Budget, greedy, one_shot, resumable_state, state_record
+    from .search import Budget, resumable_state, state_record
 
     info = settings.model.inspect()
     settings.check(info)
@@ -152,11 +195,34 @@ def search(settings: SearchSettings) -> SearchResult:
         resumable_state(settings.state, state_record(calibration, budget, settings.granularity, None, settings.ctx,
                                                      settings.windows, settings.keep, provenance=provenance))
     check_windows(settings.model, [("--text", settings.text, settings.ctx)])
+    options = dict(ctx=settings.ctx, windows=settings.windows, keep=settings.keep, state_path=settings.state,
+                   resume=settings.resume, provenance=provenance)
+    with peak_memory(settings.model) as peak:  # the peak is known once the block is left
+        found = _search(settings, info, calibration, budget, remove, options)
+    found.peak_memory_mb = peak.peak_mb
+    return found
+
+
+def _search(settings: SearchSettings, info: ModelInfo, calibration: str, budget, remove: int,
+            options: dict) -> SearchResult:
+    """The search itself: on Ray workers, streamed one-shot scores, or the whole model here."""
+    from .metrics.similarity import similarity
+    from .search import greedy, one_shot
+
+    if settings.parallel.parallel:  # the workers hold the weights; this process only their structure
+        from .parallel import WorkerPool, structure_model
+
+        with WorkerPool(settings.model, settings.parallel) as pool:
+            state = greedy(structure_model(settings.model), settings.model.tokenizer(), calibration, budget,
+                           settings.granularity, pool=pool, **options)
+            workers = pool.memory()
+        return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, workers=workers)
+    if settings.streamed:
+        scores = _similarity_streamed(settings.model, calibration, None, settings.ctx, settings.windows)
+        return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
     model, tokenizer = settings.model.load()
     if settings.method == "greedy":
-        state = greedy(model, tokenizer, calibration, budget, settings.granularity, ctx=settings.ctx,
-                       windows=settings.windows, keep=settings.keep, state_path=settings.state,
-                       resume=settings.resume, provenance=provenance)
+        state = greedy(model, tokenizer, calibration, budget, settings.granularity, **options)
         return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
     scores = similarity(model, tokenizer, calibration, ctx=settings.ctx, windows=settings.windows)
     return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
@@ -177,10 +243,11 @@ def _search_kv(settings: SearchSettings, info: ModelInfo) -> SearchResult:
         record = kv_state_record(calibration, settings.kv, start or Plan.identity(info.num_layers), provenance)
         resumable_state(settings.state, record)
     check_windows(settings.model, [("--text", settings.text, settings.kv.ctx)])
-    model, tokenizer = settings.model.load()
-    state = search_kv(model, tokenizer, calibration, settings.kv, start, state_path=settings.state,
-                      resume=settings.resume, provenance=provenance)
-    return SearchResult(Plan.from_dict(state.plan, info.num_layers), state)
+    with peak_memory(settings.model) as peak:
+        model, tokenizer = settings.model.load()
+        state = search_kv(model, tokenizer, calibration, settings.kv, start, state_path=settings.state,
+                          resume=settings.resume, provenance=provenance)
+    return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, peak.peak_mb)
 
 
 # ------------------------------------------------------------------------------------------ heal

@@ -102,6 +102,15 @@ class LossEvaluator:
                     handle.remove()
         return total
 
+    def round(self, options: list[Candidate], desc: str, progress: bool = True) -> dict[str, float]:
+        """Every candidate's loss in order, each aborted once it exceeds the best complete loss before it."""
+        scores: dict[str, float] = {}
+        best = math.inf
+        for candidate in tqdm(options, desc=desc, unit="candidate", disable=not progress, leave=False):
+            scores[candidate.key] = self.loss(candidate, best)
+            best = min(best, scores[candidate.key])
+        return scores
+
     @torch.inference_mode()
     def loss(self, candidate: Candidate, abort_above: float = math.inf) -> float:
         """The candidate's summed NLL, or `inf` once it provably exceeds `abort_above`."""
@@ -196,11 +205,13 @@ def resumable_state(path: str | Path, record: dict) -> SearchState:
 def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "layer", start: Plan | None = None,
            ctx: int = 256, windows: int = 4, keep: float = 1.0, reuse: bool = True, abort: bool = True,
            state_path: str | Path | None = None, resume: bool = False, max_rounds: int | None = None,
-           progress: bool = True, provenance: dict | None = None) -> SearchState:
+           progress: bool = True, provenance: dict | None = None, pool=None) -> SearchState:
     """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early.
 
     The state records the settings, the calibration text's hash and `provenance` (the model's
     fingerprint); resuming a state that differs in any of them is an error naming the difference.
+    With `pool` (`parallel.WorkerPool`) each round's candidates fan out over its workers, with the same
+    result; `model` may then be the weightless `parallel.structure_model`.
     """
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     chunks = calibration_windows(tokenizer, text, ctx, windows)
@@ -215,7 +226,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
     else:
         state = SearchState(Plan.identity(n_layers).to_dict() if start is None else start.to_dict(), None,
                             settings=settings)
-    evaluator = LossEvaluator(model, chunks, reuse, abort)
+    evaluator = pool.evaluator(chunks, reuse, abort) if pool is not None else LossEvaluator(model, chunks, reuse, abort)
     evaluator.layer_forwards = state.layer_forwards
     with apply_plan(model, Plan.identity(n_layers)):
         full_bytes = parameter_bytes(model)
@@ -234,12 +245,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
             continue
         if not options:
             raise LayerlabError("no unit is left to remove; lower the budget")
-        scores: dict[str, float] = {}
-        best = math.inf
-        for candidate in tqdm(options, desc=f"round {len(state.trace) + 1}", unit="candidate",
-                              disable=not progress, leave=False):
-            scores[candidate.key] = evaluator.loss(candidate, best)
-            best = min(best, scores[candidate.key])
+        scores = evaluator.round(options, f"round {len(state.trace) + 1}", progress)
         chosen = min(options, key=lambda c: (scores[c.key], c.first_change, c.key))  # ties: a fixed order
         ranked = sorted((c.key for c in options if c.key != chosen.key), key=lambda k: scores[k])
         needed = budget.remove - len(state.trace) - 1 if budget.remove is not None else 1

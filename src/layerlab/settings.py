@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 # ------------------------------------------------------------------------------------------ registries
-DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # auto: bf16 where the device has it
 GRANULARITIES = ("layer", "attn", "mlp", "sublayer")
 ONE_SHOT_METHODS = ("bi", "angular", "cosine")  # implemented by search.one_shot
 SEARCH_METHODS = ("greedy", *ONE_SHOT_METHODS)
@@ -332,11 +332,18 @@ class ModelSpec:
 
     def inspect(self) -> ModelInfo:
         """The model's layer count, architecture and fingerprint from its config, and the device checked."""
-        from .models import check_device, inspect_model
+        from .models import check_device, inspect_model, parse_dtype
 
         info = inspect_model(self.source, self.trust_remote_code)
         check_device(self.device)
+        parse_dtype(self.dtype, self.device)  # bf16 on a GPU without it is refused here
         return info
+
+    def torch_dtype(self):
+        """The torch dtype this spec loads in (`auto` resolved for the device)."""
+        from .models import parse_dtype
+
+        return parse_dtype(self.dtype, self.device)
 
     def tokenizer(self):
         """The model's tokenizer alone (no weights load)."""
@@ -355,6 +362,66 @@ class ModelSpec:
         from .models import load
 
         return load(self.source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code)
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """Where candidate plans are evaluated: here, one after another (the default), or on Ray workers.
+
+    `workers` N starts a local Ray runtime with N workers (each with this machine's cores // N torch
+    threads unless `threads` says), or N workers on the cluster at `ray_address`.
+    """
+
+    workers: int | None = None
+    ray_address: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise SettingsError(f"--workers must be at least 1 (leave it out to evaluate serially), got "
+                                f"{self.workers!r}")
+        if self.ray_address is not None and self.workers is None:
+            raise SettingsError("--ray-address needs --workers N: how many workers to start on the cluster")
+        if self.ray_address is not None and not _RAY_ADDRESS.fullmatch(self.ray_address):
+            raise SettingsError(f"--ray-address {self.ray_address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        _at_least(self.threads, 1, "--worker-threads")
+        if self.threads is not None and self.workers is None:
+            raise SettingsError("--worker-threads sets the threads of each Ray worker; give --workers N too")
+
+    @property
+    def parallel(self) -> bool:
+        return self.workers is not None
+
+    def check(self) -> None:
+        """Ray is installed and the cluster answers (before any model loads)."""
+        if not self.parallel:
+            return
+        from .errors import require
+
+        require("ray", "ray", "--workers")
+        if self.ray_address:
+            check_ray_address(self.ray_address)
+
+
+_RAY_ADDRESS = re.compile(r"auto|(?:ray://)?[A-Za-z0-9_.\-]+:\d{1,5}")
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A Ray head answers at `address` (a TCP connection to its port), or a one-line error."""
+    import socket
+
+    if address == "auto":
+        if not Path("/tmp/ray/ray_current_cluster").is_file():
+            raise SettingsError("--ray-address auto: no Ray cluster runs on this machine; start one with "
+                                "`ray start --head` or give HOST:PORT")
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise SettingsError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                            "head with `ray start --head` or check the address") from None
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -444,14 +511,18 @@ class EvalJob:
     out: str = "layerlab-eval.json"
     force: bool = False
     store: str | None = None
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)  # the KV cache every plan runs with
 
     def __post_init__(self) -> None:
+        if self.cache.kind != "full" and self.parallel.parallel:
+            raise SettingsError("--kv-cache runs in this process only; drop --workers / --ray-address")
         if self.store and self.cache.kind != "full":
             raise SettingsError("--store keeps results without the KV cache type; evaluate --kv-cache "
                                 f"{self.cache.kind} without --store (or into another --out)")
 
     def check(self, info: ModelInfo | None = None) -> None:
+        self.parallel.check()
         for plan in self.plans:
             check_plan_source(plan)
         self.evaluation.check()
@@ -490,8 +561,13 @@ class ScoreSettings:
     ppl_delta: bool = False
     out: str = "layerlab-score"
     force: bool = False
+    streamed: bool = False  # one decoder layer in memory at a time (models larger than memory)
 
     def __post_init__(self) -> None:
+        if self.streamed and self.ppl_delta:
+            raise SettingsError("--ppl-delta runs the whole model for every unit; drop --streamed or --ppl-delta")
+        if self.streamed and self.model.device == "auto":
+            raise SettingsError("--streamed runs one layer at a time on one device; give --device cpu or cuda")
         _at_least(self.ctx, 2, "ctx")
         _at_least(self.windows, 1, "windows")
         _choose(self.tokens, TOKEN_MODES, "--tokens")
@@ -543,10 +619,21 @@ class SearchSettings:
     state: str | None = None
     resume: bool = False
     force: bool = False
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    streamed: bool = False  # one-shot methods: score one decoder layer at a time (models larger than memory)
     kv: KVSearchSettings | None = None  # search a KV-sharing map (its budget is --fraction) instead of removals
     start: str | None = None  # --kv: the plan the map is searched on top of (text or file; no repeats)
 
     def __post_init__(self) -> None:
+        if self.parallel.parallel and self.method != "greedy":
+            raise SettingsError("--workers fans out the rounds of a greedy search; a one-shot method is one "
+                                "scoring pass: drop --workers")
+        if self.streamed and self.method == "greedy":
+            raise SettingsError("--streamed scores one layer at a time for the one-shot methods (bi, angular, "
+                                "cosine); the greedy search needs the whole model: choose --method bi, angular "
+                                "or cosine")
+        if self.streamed and self.model.device == "auto":
+            raise SettingsError("--streamed runs one layer at a time on one device; give --device cpu or cuda")
         given = sum(x is not None for x in (self.remove, self.fraction, self.target_speedup))
         if self.kv is not None:
             self._check_kv()
@@ -580,6 +667,8 @@ class SearchSettings:
                                 "KVSearchSettings.budget; drop --remove / --target-speedup")
         if self.method != "greedy" or self.granularity != "layer" or self.keep != 1:
             raise SettingsError("--kv searches pairs of layers; drop --method, --granularity and --keep")
+        if self.parallel.parallel:
+            raise SettingsError("--kv searches in this process only; drop --workers / --ray-address")
 
     def units(self, num_layers: int) -> int:
         return num_layers * (2 if self.granularity == "sublayer" else 1)
@@ -595,6 +684,7 @@ class SearchSettings:
         return remove
 
     def check(self, info: ModelInfo | None = None) -> None:
+        self.parallel.check()
         check_text_source(self.text, "--text")
         if self.start is not None:
             check_plan_source(self.start)

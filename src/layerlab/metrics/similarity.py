@@ -184,3 +184,53 @@ def record_streams(model, ids: torch.Tensor, plan: Plan | None = None) -> _Recor
         finally:
             recorder.remove()
     return recorder
+
+
+@torch.inference_mode()
+def similarity_streamed(source, tokenizer, text: str, plan: Plan | None = None, ctx: int = 512, windows: int = 8,
+                        tokens: str = "all", dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        progress: bool = True) -> Similarity:
+    """The metrics of `similarity`, from a model read one decoder layer at a time (`layerwise.py`).
+
+    `source` is a model source (a .gguf file, an embedded name, a safetensors folder) or an open
+    `LayerSource`. Memory holds one decoder layer and the windows' streams; the streams entering earlier
+    steps, which the angular distance pairs with every later one, wait in a temporary file.
+    """
+    from ..layerwise import LayerSource, StreamArchive, stream_steps
+
+    if tokens not in ("all", "last"):
+        raise SettingsError("tokens must be 'all' or 'last'")
+    layers = source if isinstance(source, LayerSource) else LayerSource.open(source)
+    plan = plan or Plan.identity(layers.num_layers)
+    chunks = calibration_windows(tokenizer, text, ctx, windows)
+    steps = len(plan.steps)
+    zeros = partial(torch.zeros, dtype=torch.float64)
+    sums = {"bi": zeros(steps), "attn": zeros(steps), "mlp": zeros(steps), "angular": zeros(steps + 1, steps + 1)}
+    count = 0
+    with StreamArchive() as past:
+        for s in stream_steps(layers, [c.ids for c in chunks], plan, dtype, device, progress):
+            for h_in, mid, h_out in zip(s.before, s.middle, s.after, strict=True):
+                h_in, mid, h_out = h_in[0], mid[0], h_out[0]
+                sums["bi"][s.index] += _cosine(h_in, h_out).sum().cpu()
+                if s.step.attention:
+                    sums["attn"][s.index] += _cosine(h_in, mid).sum().cpu()
+                if s.step.mlp:
+                    sums["mlp"][s.index] += _cosine(mid, h_out).sum().cpu()
+                count += h_in.shape[0] if s.index == 0 else 0
+            _angular_to_earlier(sums["angular"], past, s.index, s.before, tokens)
+            if s.index == steps - 1:
+                _angular_to_earlier(sums["angular"], past, steps, s.after, tokens)
+    return _finish(sums, count, plan, count_last=len(chunks) if tokens == "last" else None)
+
+
+def _angular_to_earlier(angular: torch.Tensor, past, index: int, streams: list[torch.Tensor], tokens: str) -> None:
+    """Add the angular distances between stream x^index of every window and each earlier x^j; park x^index."""
+    for window, stream in enumerate(streams):
+        stream = stream[0, -1:] if tokens == "last" else stream[0]
+        unit = F.normalize(stream.double(), dim=-1)
+        for j in range(index):
+            cos = (F.normalize(past.get((j, window)).to(unit.device).double(), dim=-1) * unit).sum(-1).clamp(-1, 1)
+            distance = float(torch.arccos(cos).sum() / math.pi)
+            angular[j, index] += distance
+            angular[index, j] += distance
+        past.add((index, window), stream)
