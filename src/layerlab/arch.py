@@ -31,6 +31,9 @@ class Arch:
     mlp_output: str = "mlp.down_proj"  # the MLP's last projection in a layer: a linear patch folds into it
     mlp_output_norm: str | None = None  # a norm between the MLP and the residual add (Gemma 3), or none
     norm_weight_offset: float = 0.0  # the norms scale by offset + weight (Gemma: 1 + weight)
+    # key / value projections of the attention, which a step reading another layer's KV does not need to run
+    # (empty when they are fused with the query projection: then they run and their output is discarded)
+    kv_projections: tuple[str, ...] = ("k_proj", "v_proj")
 
 
 _LLAMA_LIKE = Arch(
@@ -46,7 +49,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused
+    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused
+                    kv_projections=()),
     "gemma3_text": Arch(
         layers="model.layers",
         attention="self_attn",
@@ -66,6 +70,7 @@ ARCHITECTURES: dict[str, Arch] = {
         embeds_are_stream=False,  # learned position embeddings are added to inputs_embeds
         lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers; c_proj is in both attention and MLP
         mlp_output="mlp.c_proj",
+        kv_projections=(),  # c_attn projects queries, keys and values at once
     ),
 }
 

@@ -19,11 +19,13 @@ import click
 
 from .errors import LayerlabError, SettingsError, one_line
 from .settings import (
+    CACHE_TYPES,
     DEFAULT_DROP,
     DTYPES,
     EVAL_TASKS,
     EXPORT_FORMATS,
     GRANULARITIES,
+    KV_ORDERS,
     PATCH_FORMS,
     PATCH_OBJECTIVES,
     PLAN_FORMATS,
@@ -32,6 +34,7 @@ from .settings import (
     SEARCH_METHODS,
     TOKEN_MODES,
     AnalyzeSettings,
+    CacheSettings,
     DistillSettings,
     EvalJob,
     EvalSettings,
@@ -39,6 +42,7 @@ from .settings import (
     GenerateSettings,
     HealJob,
     HealSettings,
+    KVSearchSettings,
     ModelSpec,
     ParallelSettings,
     PatchSettings,
@@ -190,10 +194,12 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="JSON results path (default: a new timestamped file).")
 @click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
+@click.option("--kv-cache", type=click.Choice(tuple(CACHE_TYPES)), default=CacheSettings.kind, show_default=True,
+              help="KV cache every plan runs with (int8 / int4: layerlab's per-token quantized caches).")
 @parallel_options
 def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, task_data, task_batch_size, ppl_text,
                  ctx, stride, ppl_windows, batch_size, prompts, max_new_tokens, speed_rounds, speed_max_rounds,
-                 confidence, store, out, force, workers, ray_address, worker_threads) -> None:
+                 confidence, store, out, force, workers, ray_address, worker_threads, kv_cache) -> None:
     """Evaluate several plans side by side in one model load: values with intervals, paired deltas, JSON."""
     import time
 
@@ -204,7 +210,7 @@ def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, t
                               speed_max_rounds=speed_max_rounds, confidence=confidence)
     job = EvalJob(_spec(source, dtype, device, trust_remote_code), _plan_list(plans), evaluation,
                   out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store,
-                  ParallelSettings(workers, ray_address, worker_threads))
+                  ParallelSettings(workers, ray_address, worker_threads), CacheSettings(kv_cache))
     from . import jobs  # torch loads here, after the settings are checked
 
     results = jobs.evaluate(job)
@@ -419,20 +425,32 @@ def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force,
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Greedy: save state after each round.")
 @click.option("--resume", is_flag=True, help="Greedy: continue from --state.")
 @click.option("--force", is_flag=True, help="Greedy: start over, replacing a --state file that layerlab wrote.")
+@click.option("--kv", is_flag=True, help="Find a KV-sharing map instead (KVSharer-style); --fraction is the share "
+              f"of KV memory to share (default {KVSearchSettings.budget}).")
+@click.option("--tolerance", default=KVSearchSettings.tolerance, show_default=True, type=float,
+              help="--kv: calibration perplexity may grow by this share.")
+@click.option("--order", type=click.Choice(KV_ORDERS), default=KVSearchSettings.order, show_default=True,
+              help="--kv: order pairs are tried in (cache distance, or each pair's measured loss).")
+@click.option("--start", help="--kv: plan (text or file) the map is searched on top of.")
 @click.option("--streamed", is_flag=True, help="One-shot methods: score one decoder layer at a time.")
 @parallel_options
 def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
-           ctx, windows, keep, state_path, resume, force, streamed, workers, ray_address, worker_threads) -> None:
-    """Find a plan that removes layers or sublayers: one-shot by a metric, or greedy by perplexity."""
+           ctx, windows, keep, state_path, resume, force, streamed, workers, ray_address, worker_threads, kv, tolerance,
+           order, start) -> None:
+    """Find a plan that removes layers or sublayers (one-shot by a metric, or greedy by perplexity), or with
+    --kv a map of layers that read an earlier layer's keys and values."""
     from rich.table import Table
 
     from . import jobs
 
-    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, fraction, target_speedup,
-                              method, granularity, text, ctx, windows, keep, state_path, resume, force,
-                              ParallelSettings(workers, ray_address, worker_threads), streamed)
+    kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows) if kv else None
+    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, None if kv else fraction,
+                              target_speedup, method, granularity, text, ctx, windows, keep, state_path, resume, force,
+                              ParallelSettings(workers, ray_address, worker_threads), streamed, kv_settings, start)
     found = jobs.search(settings)
-    if found.state is not None:
+    if kv:
+        _print_kv_search(found)
+    elif found.state is not None:
         table = Table("round", "removed", "perplexity", "candidates", "aborted", "layer forwards",
                       title=f"greedy search on {text}")
         for t in found.state.trace:
@@ -444,6 +462,20 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
         _print(f"plan: {found.plan.to_text()}")
     _print(_peak(found.peak_memory_mb) + ("" if found.workers is None else " here (no weights); workers: " + ", ".join(
         _peak(w["peak_rss_mb"]).removeprefix("peak memory: ") for w in found.workers)))
+
+
+def _print_kv_search(found) -> None:
+    """The accepted KV pairs with the calibration perplexity after each, then the plan."""
+    from rich.table import Table
+
+    from .kv_search import accepted_pairs
+
+    table = Table("accepted pair", "calibration perplexity", "layer forwards",
+                  title=f"KV search (start perplexity {found.state.trace[0]['start_perplexity']:.3f})")
+    for entry in accepted_pairs(found.state):
+        table.add_row(entry["pair"], f"{entry['perplexity']:.3f}", str(entry["layer_forwards"]))
+    _print(table)
+    _print(f"plan: {found.plan.to_text()}   ({len(found.plan.kv)} layers read another layer's keys and values)")
 
 
 @cli.command()

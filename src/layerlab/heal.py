@@ -215,6 +215,8 @@ def _base_model(model: nn.Module, plan: Plan | None) -> nn.Module:
 
     if current_plan(model) is not None:
         raise HealError("a plan is applied to the model at run time; restore it and pass the plan to heal instead")
+    if plan is not None and plan.kv:
+        raise HealError("healing does not train through KV sharing; heal the plan without its kv: clause")
     if plan is None or plan.is_identity:
         return model
     return materialize(model, plan)

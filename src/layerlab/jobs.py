@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PlanError
 from .io import atomic_write_json
 from .models import ModelInfo
 from .plan import Plan, unique_plans
@@ -30,8 +31,16 @@ from .settings import (
     ScoreSettings,
     SearchSettings,
     SpeculateSettings,
+    check_kv_types,
     check_windows,
 )
+
+
+def load_plan(info: ModelInfo, source: str) -> Plan:
+    """A plan (text or file) checked against the model's config: layer count, and KV pairs' attention types."""
+    plan = Plan.load(source, info.num_layers)
+    check_kv_types(plan, info.layer_types)
+    return plan
 
 
 def peak_memory(model: ModelSpec):
@@ -48,8 +57,7 @@ def peak_memory(model: ModelSpec):
 
 def plans_with_baseline(info: ModelInfo, plans: tuple[str, ...]) -> list[Plan]:
     """The identity plan first, then each given plan (text or file) checked against the model, without repeats."""
-    n = info.num_layers
-    return unique_plans([Plan.identity(n)] + [Plan.load(p, n) for p in plans])
+    return unique_plans([Plan.identity(info.num_layers)] + [load_plan(info, p) for p in plans])
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -70,6 +78,7 @@ def generate(settings: GenerateSettings) -> tuple[list[Plan], list, float | None
 def evaluate(job: EvalJob, progress: bool = True) -> dict:
     """Several plans side by side in one model load; the results are written to `job.out` and returned."""
     from .evaluate.compare import evaluate_plans
+    from .kvcache import kv_cache
 
     info = job.model.inspect()
     job.check(info)
@@ -86,8 +95,9 @@ def evaluate(job: EvalJob, progress: bool = True) -> dict:
                 results["workers"] = pool.memory()
         else:
             model, tokenizer = job.model.load()
-            results = evaluate_plans(model, tokenizer, plans, job.evaluation, store=job.store, progress=progress)
-    results |= {"model": job.model.source, "peak_memory_mb": peak.peak_mb}
+            with kv_cache(model, job.cache):
+                results = evaluate_plans(model, tokenizer, plans, job.evaluation, store=job.store, progress=progress)
+    results |= {"model": job.model.source, "peak_memory_mb": peak.peak_mb, "kv_cache": job.cache.kind}
     atomic_write_json(job.out, results, force=job.force)
     return results
 
@@ -112,7 +122,7 @@ def score(settings: ScoreSettings) -> ScoreResult:
 
     info = settings.model.inspect()
     settings.check(info)
-    plan = Plan.load(settings.plan, info.num_layers)
+    plan = load_plan(info, settings.plan)
     calibration = read_text(settings.text)
     check_windows(settings.model, [("--text", settings.text, settings.ctx)])
     deltas = None
@@ -175,6 +185,8 @@ def search(settings: SearchSettings) -> SearchResult:
 
     info = settings.model.inspect()
     settings.check(info)
+    if settings.kv is not None:
+        return _search_kv(settings, info)
     remove = settings.removals(info.num_layers)
     calibration = read_text(settings.text)
     budget = Budget(remove, settings.target_speedup)
@@ -216,6 +228,28 @@ def _search(settings: SearchSettings, info: ModelInfo, calibration: str, budget,
     return SearchResult(one_shot(scores, settings.method, remove, settings.granularity), None)
 
 
+def _search_kv(settings: SearchSettings, info: ModelInfo) -> SearchResult:
+    """A KV-sharing map on top of the start plan (KVSharer-style, resumable); its plan carries the map."""
+    from .corpora import read_text
+    from .kv_search import kv_state_record, search_kv
+    from .search import resumable_state
+
+    start = load_plan(info, settings.start) if settings.start else None
+    if start is not None and (start.kv or len(set(start.layers)) < len(start.steps)):
+        raise PlanError("--start must be a plan without a kv: clause that runs each layer at most once")
+    calibration = read_text(settings.text)
+    provenance = {"model": info.fingerprint}
+    if settings.resume and settings.state and Path(settings.state).exists():  # refuse another run's state now
+        record = kv_state_record(calibration, settings.kv, start or Plan.identity(info.num_layers), provenance)
+        resumable_state(settings.state, record)
+    check_windows(settings.model, [("--text", settings.text, settings.kv.ctx)])
+    with peak_memory(settings.model) as peak:
+        model, tokenizer = settings.model.load()
+        state = search_kv(model, tokenizer, calibration, settings.kv, start, state_path=settings.state,
+                          resume=settings.resume, provenance=provenance)
+    return SearchResult(Plan.from_dict(state.plan, info.num_layers), state, peak.peak_mb)
+
+
 # ------------------------------------------------------------------------------------------ heal
 @dataclass
 class HealOutcome:
@@ -232,7 +266,7 @@ def heal(job: HealJob) -> HealOutcome:
 
     info = job.model.inspect()
     job.check(info)
-    plan = Plan.load(job.plan, info.num_layers)
+    plan = load_plan(info, job.plan)
     held_out = read_text(job.eval_text) if job.eval_windows else None
     check_windows(job.model, job.recovery().calibration_needs() +
                   ([("--eval-text", job.eval_text, 512)] if held_out is not None else []))
@@ -318,7 +352,7 @@ def export(settings: ExportSettings) -> Path:
 
     info = settings.model.inspect()
     settings.check(info)
-    Plan.load(settings.plan, info.num_layers)  # a bad plan fails before the export loads anything
+    load_plan(info, settings.plan)  # a bad plan fails before the export loads anything
     return run_export(settings.model.source, settings.plan, settings.out, settings.format, force=settings.force,
                       remote_code=settings.remote_code, eval_windows=settings.eval_windows)
 

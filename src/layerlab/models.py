@@ -240,6 +240,7 @@ class ModelInfo:
     num_layers: int
     model_type: str
     fingerprint: dict  # what resumable artifacts record, to refuse resuming with another model
+    layer_types: tuple[str, ...] = ()  # attention type per layer where the config says (Gemma 3), else ()
 
     @property
     def input_paths(self) -> list[Path]:
@@ -421,6 +422,12 @@ def load(
         from .runtime import drop_sublayers  # an export with LLM-Drop lists: its dropped weights are absent
 
         drop_sublayers(model, list(drop_attn or []), list(drop_mlp or []))
+    kv_sources = getattr(text, "kv_sources", None)
+    if kv_sources and not type(model).__name__.startswith("LayerlabDrop"):
+        from .plan import parse_kv_sources
+        from .runtime import share_kv  # an export of a KV-sharing plan: consumers read their sources' KV
+
+        share_kv(model, parse_kv_sources(kv_sources))
     return model.eval(), tokenizer
 
 
@@ -531,7 +538,8 @@ def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
     if text.model_type not in ARCHITECTURES:
         raise unsupported(text.model_type)
     return ModelInfo(source, resolved, int(text.num_hidden_layers), text.model_type,
-                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved})
+                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved},
+                     tuple(getattr(text, "layer_types", None) or ()))
 
 
 def context_length(source: str, trust_remote_code: bool = False) -> int | None:

@@ -210,6 +210,9 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
     chunks = calibration_windows(tokenizer, text, ctx, windows)
     if keep < 1 and start is not None and len(set(start.layers)) < len(start.steps):
         raise PlanError("pruning candidates (keep < 1) needs a start plan without repeated layers")
+    if start is not None and start.kv:
+        raise PlanError("the greedy search removes units from plans without KV sharing; search the layers first, "
+                        "then the KV map (kv_search.search_kv)")
     settings = state_record(text, budget, granularity, start, ctx, windows, keep, reuse, abort, provenance)
     if resume and state_path and Path(state_path).exists():
         state = resumable_state(state_path, settings)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError, OutputError, SettingsError
+from .errors import DataError, OutputError, PlanError, SettingsError
 from .io import check_not_an_input, check_output, check_writable
 
 if TYPE_CHECKING:
     from .models import ModelInfo
+    from .plan import Plan
 
 # ------------------------------------------------------------------------------------------ registries
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # auto: bf16 where the device has it
@@ -43,6 +45,7 @@ RECOVERIES = {  # implemented by recover.recover
 PATCH_FORMS = ("auto", "full", "diagonal", "hadamard", "rotation")  # implemented by patch.py
 PATCH_OBJECTIVES = ("lstsq", "cosine")
 CALIBRATION_MIX = ("wikitext2-valid", "pride-and-prejudice", "frankenstein")  # see calibration.py
+KV_ORDERS = ("dissimilar", "similar", "loss")  # pair orders of kv_search.search_kv
 _DEVICE = re.compile(r"(cpu|mps|auto|cuda)(:\d{1,3})?")
 
 # ------------------------------------------------------------------------------------------ eval tasks
@@ -236,6 +239,94 @@ def as_dict(settings) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the model
+
+# ------------------------------------------------------------------------------------------ KV caches
+@dataclass(frozen=True)
+class CacheType:
+    """A KV cache type the CLI and `kvcache.kv_cache` offer (implemented in `kvcache.py`)."""
+
+    name: str
+    description: str
+    bits: int | None = None  # layerlab's per-token types
+    backend: str | None = None  # transformers' QuantizedCache backend
+    nbits: int | None = None
+    package: str | None = None  # the Python module the backend needs
+
+
+CACHE_TYPES: dict[str, CacheType] = {t.name: t for t in (
+    CacheType("full", "transformers' DynamicCache at the model's dtype"),
+    CacheType("int8", "layerlab: 8-bit codes per token and head, float16 scale and min", bits=8),
+    CacheType("int4", "layerlab: 4-bit codes per token and head, float16 scale and min", bits=4),
+    CacheType("fp8", "transformers: float8 e4m3, one frozen scale per tensor (full attention only)", backend="fp8"),
+    CacheType("quanto-int4", "transformers + optimum-quanto: 4-bit groups (full attention only)", backend="quanto",
+              nbits=4, package="optimum.quanto"),
+    CacheType("quanto-int2", "transformers + optimum-quanto: 2-bit groups (full attention only)", backend="quanto",
+              nbits=2, package="optimum.quanto"),
+    CacheType("hqq-int8", "transformers + hqq: 8-bit groups (full attention only)", backend="hqq", nbits=8,
+              package="hqq"),
+    CacheType("hqq-int4", "transformers + hqq: 4-bit groups (full attention only)", backend="hqq", nbits=4,
+              package="hqq"),
+)}
+_PIP_NAMES = {"optimum.quanto": "optimum-quanto", "hqq": "hqq"}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Which KV cache a model runs with (`CACHE_TYPES`)."""
+
+    kind: str = "full"
+
+    def __post_init__(self) -> None:
+        _choose(self.kind, tuple(CACHE_TYPES), "KV cache type")
+
+    @property
+    def type(self) -> CacheType:
+        return CACHE_TYPES[self.kind]
+
+    def check(self, layer_types: Iterable[str], model_type: str) -> None:
+        """Refuse a cache type this model cannot take, from its config's attention types (before any work)."""
+        import importlib.util
+
+        kind = self.type
+        if kind.package and importlib.util.find_spec(kind.package.split(".")[0]) is None:
+            raise SettingsError(f"KV cache {self.kind!r} needs the {_PIP_NAMES[kind.package]} package "
+                                f"(pip install {_PIP_NAMES[kind.package]}), which is not installed; "
+                                f"use int{kind.nbits if kind.nbits in (4, 8) else 4} (layerlab's own) instead")
+        others = sorted(set(layer_types) - {"full_attention", "dummy"})
+        if kind.backend and others:
+            raise SettingsError(f"KV cache {self.kind!r} is transformers' QuantizedCache, which takes only models "
+                                f"whose layers all use full attention; {model_type} has {', '.join(others)} "
+                                "layers: use int8 or int4")
+
+
+@dataclass(frozen=True)
+class KVSearchSettings:
+    """How `kv_search.search_kv` searches: the budget, the tolerance, the pair order, the calibration windows."""
+
+    budget: float = 0.3  # at most this share of the plan's attention layers (of its KV memory) read another's KV
+    tolerance: float = 0.05  # calibration perplexity may grow by at most this share over the start plan's
+    order: str = "dissimilar"
+    ctx: int = 256
+    windows: int = 4
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        _share(self.budget, "the KV budget (share of the attention layers that read another layer's KV)")
+        _at_least(self.tolerance, 0, "the tolerance (share of calibration perplexity)")
+        _choose(self.order, KV_ORDERS, "pair order")
+        _at_least(self.ctx, 2, "ctx")
+        _at_least(self.windows, 1, "windows")
+
+
+def check_kv_types(plan: Plan, layer_types: tuple[str, ...]) -> None:
+    """Refuse KV pairs whose layers differ in attention type: Gemma 3's sliding and global layers have
+    different masks and rotary embeddings. Runs on the config's `layer_types`, so before any model loads."""
+    for consumer, source in plan.kv if len(layer_types) == plan.num_layers else ():
+        if layer_types[consumer] != layer_types[source]:
+            raise PlanError(f"kv pair {consumer}<-{source}: layer {consumer} is {layer_types[consumer]} but "
+                            f"layer {source} is {layer_types[source]}; pair layers of the same attention type")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model, in which precision, on which device, and whether its own code may run."""
@@ -434,12 +525,22 @@ class EvalJob:
     force: bool = False
     store: str | None = None
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the KV cache every plan runs with
+
+    def __post_init__(self) -> None:
+        if self.cache.kind != "full" and self.parallel.parallel:
+            raise SettingsError("--kv-cache runs in this process only; drop --workers / --ray-address")
+        if self.store and self.cache.kind != "full":
+            raise SettingsError("--store keeps results without the KV cache type; evaluate --kv-cache "
+                                f"{self.cache.kind} without --store (or into another --out)")
 
     def check(self, info: ModelInfo | None = None) -> None:
         self.parallel.check()
         for plan in self.plans:
             check_plan_source(plan)
         self.evaluation.check()
+        if info is not None:
+            self.cache.check(info.layer_types, info.model_type)
         task_data = [self.evaluation.task_data] if self.evaluation.task_data else []
         inputs = _inputs(info, [*plan_inputs(self.plans), *task_data])
         check_output(self.out, force=self.force, inputs=inputs)
@@ -533,6 +634,8 @@ class SearchSettings:
     force: bool = False
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     streamed: bool = False  # one-shot methods: score one decoder layer at a time (models larger than memory)
+    kv: KVSearchSettings | None = None  # search a KV-sharing map (its budget is --fraction) instead of removals
+    start: str | None = None  # --kv: the plan the map is searched on top of (text or file; no repeats)
 
     def __post_init__(self) -> None:
         if self.parallel.parallel and self.method != "greedy":
@@ -545,8 +648,12 @@ class SearchSettings:
         if self.streamed and self.model.device == "auto":
             raise SettingsError("--streamed runs one layer at a time on one device; give --device cpu or cuda")
         given = sum(x is not None for x in (self.remove, self.fraction, self.target_speedup))
-        if given != 1:
+        if self.kv is not None:
+            self._check_kv()
+        elif given != 1:
             raise SettingsError("give exactly one of --remove, --fraction or --target-speedup")
+        elif self.start is not None:
+            raise SettingsError("--start is the plan a --kv search starts from; add --kv")
         _choose(self.method, SEARCH_METHODS, "method")
         _choose(self.granularity, GRANULARITIES, "granularity")
         _at_least(self.remove, 1, "--remove")
@@ -566,6 +673,16 @@ class SearchSettings:
         if self.state and self.method != "greedy":
             raise SettingsError("--state records a greedy search; one-shot methods have no state")
 
+    def _check_kv(self) -> None:
+        """`search --kv`: the budget is the KV share (--fraction); the layer-removal options do not apply."""
+        if any(x is not None for x in (self.remove, self.fraction, self.target_speedup)):
+            raise SettingsError("--kv takes its budget as --fraction (share of the KV memory to share) in "
+                                "KVSearchSettings.budget; drop --remove / --target-speedup")
+        if self.method != "greedy" or self.granularity != "layer" or self.keep != 1:
+            raise SettingsError("--kv searches pairs of layers; drop --method, --granularity and --keep")
+        if self.parallel.parallel:
+            raise SettingsError("--kv searches in this process only; drop --workers / --ray-address")
+
     def units(self, num_layers: int) -> int:
         return num_layers * (2 if self.granularity == "sublayer" else 1)
 
@@ -582,7 +699,9 @@ class SearchSettings:
     def check(self, info: ModelInfo | None = None) -> None:
         self.parallel.check()
         check_text_source(self.text, "--text")
-        if info is not None:
+        if self.start is not None:
+            check_plan_source(self.start)
+        if info is not None and self.kv is None:
             self.removals(info.num_layers)
         if not self.state:
             return

@@ -17,7 +17,7 @@ FORMATS = ("hf", "gguf")
 def export(source: str, plan_text: str, out: str | Path, fmt: str = "hf", force: bool = False,
            remote_code: bool = False, eval_windows: int = 8) -> Path:
     """Export `plan_text` applied to `source` as a new model at `out`, with a model card beside it."""
-    from .gguf import check_swa_pattern, gguf_architecture, prune_gguf
+    from .gguf import check_gguf_plan, check_swa_pattern, gguf_architecture, prune_gguf
     from .hf import export_hf
 
     if fmt not in FORMATS:
@@ -34,6 +34,7 @@ def export(source: str, plan_text: str, out: str | Path, fmt: str = "hf", force:
     if fmt == "gguf":
         from gguf import GGUFReader
 
+        check_gguf_plan(plan)
         check_swa_pattern(gguf_architecture(GGUFReader(str(resolved)))[0], plan)  # fail before loading
     model, tokenizer = models.load(source)
     measured = measure(model, tokenizer, plan, eval_windows)

@@ -55,8 +55,9 @@ def card_text(source: str, plan: Plan, fmt: str, measured: dict, sizes: tuple[in
 
     load = {
         "hf": "`AutoModelForCausalLM.from_pretrained(DIR)`"
-        + ("" if plan.whole_layers else " with `trust_remote_code=True` (if written with `--remote-code`), "
-           "or `layerlab.load(DIR)`"),
+        + ("" if plan.whole_layers and not plan.kv else " with `trust_remote_code=True` (if written with "
+           "`--remote-code`), or `layerlab.load(DIR)`")
+        + (" (plain loading ignores `kv_sources` and runs every layer on its own keys and values)" if plan.kv else ""),
         "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python, or `layerlab.load(FILE)`",
     }[fmt]
     return f"""{TEXT_MARKER}

@@ -44,10 +44,18 @@ def check_swa_pattern(arch: str, plan: Plan) -> None:
             )
 
 
-def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = False) -> Path:
-    """Write a GGUF file holding only the plan's layers, in its order; never touches `source`."""
+def check_gguf_plan(plan: Plan) -> None:
+    """Refuse what llama.cpp cannot express (before any work)."""
+    if plan.kv:
+        raise PlanError("a GGUF export cannot carry KV sharing (kv:): llama.cpp has no way to make a layer read "
+                        "another layer's keys and values; export --format hf (with --remote-code) instead")
     if not plan.whole_layers:
         raise PlanError("a GGUF export takes whole layers only; llama.cpp has no per-layer sublayer drops")
+
+
+def prune_gguf(source: str | Path, plan: Plan, out: str | Path, force: bool = False) -> Path:
+    """Write a GGUF file holding only the plan's layers, in its order; never touches `source`."""
+    check_gguf_plan(plan)
     reader = GGUFReader(str(source))
     arch, count = gguf_architecture(reader)
     if plan.num_layers != count:
