@@ -1,27 +1,60 @@
 """File size, peak memory and llama.cpp decode speed of an original and a pruned GGUF, side by side.
 
 The pruned file drops whole layers (default: 6 of SmolLM2's 30, those with the lowest Block
-Influence; any 6 give the same size and speed). Each measurement runs llama.cpp (llama-cpp-python;
-`layerlab.evaluate.artifact.llama_cpp_decode`) in a fresh process that reports its decode tokens/s
-and its peak resident memory (VmHWM); original and pruned alternate over several rounds and the
-medians are compared. Every ratio is printed next to the ideal that the removed share of the weights
-implies (decode on CPU reads every weight once per token).
+Influence; any 6 give the same size and speed). Each measurement runs llama.cpp (llama-cpp-python)
+in a fresh process that reports its decode tokens/s and its peak resident memory (VmHWM); original
+and pruned alternate over several rounds (a discarded warm-up round first; more rounds, up to
+--max-rounds, while the per-round speed-ups disagree: `evaluate/speed.py`). The decode speed-up is the
+median of the per-round ratios with its interquartile range, or "unreliable" when the rounds disagree;
+memory is compared by medians. Every ratio is printed next to the ideal that the removed share of the
+weights implies (decode on CPU reads every weight once per token).
 
     python benchmarks/export_size_speed.py [--model smollm2-135m] [--plan skip:3,12-15,25] [--rounds 5]
+        [--max-rounds 11]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from gguf import GGUFReader
 
 from layerlab import Plan
-from layerlab.evaluate.artifact import llama_cpp_decode
+from layerlab.evaluate.speed import Rounds, compare_speed
 from layerlab.export.gguf import prune_gguf
 from layerlab.models import EMBEDDED
+
+CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+path, tokens = sys.argv[1], int(sys.argv[2])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+prompt = llm.tokenize(b"Once upon a time, in a small village by the sea,", add_bos=True)
+def last_logits():  # the context's logits of the last token (eval() keeps none without logits_all)
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+llm.eval(prompt)
+token = int(np.argmax(last_logits()))
+start = time.perf_counter()
+for _ in range(tokens):
+    llm.eval([token])
+    token = int(np.argmax(last_logits()))
+seconds = time.perf_counter() - start
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"tokens_per_s": tokens / seconds, "peak_mb": peak / 1024}))
+"""
+
+
+def measure(path: Path, tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tokens)], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def block_bytes(path: Path) -> tuple[int, dict[int, int]]:
@@ -40,7 +73,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", choices=list(EMBEDDED))
     parser.add_argument("--plan", default="skip:3,12-15,25")  # the 6 lowest Block Influence layers
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds at least")
+    parser.add_argument("--max-rounds", type=int, default=11, help="rounds at most, while the speed-ups disagree")
     args = parser.parse_args()
     source = EMBEDDED[args.model].locate()
     total, blocks = block_bytes(source)
@@ -48,19 +82,22 @@ def main() -> None:
     kept = sum(blocks[layer] for layer in plan.layers) + total - sum(blocks.values())
     with tempfile.TemporaryDirectory() as folder:
         pruned = prune_gguf(source, plan, Path(folder) / "pruned.gguf")
-        runs = llama_cpp_decode({"original": source, "pruned": pruned}, args.rounds, args.tokens, threads=2)
+        measures = {"original": lambda: measure(source, args.tokens), "pruned": lambda: measure(pruned, args.tokens)}
+        runs, speedups = compare_speed(measures, "original", Rounds(args.rounds, args.max_rounds),
+                                       {"decode": lambda r: 1 / r["tokens_per_s"]})
         sizes = {"original": source.stat().st_size, "pruned": pruned.stat().st_size}
-    speed = {k: v["decode_tokens_per_s"] for k, v in runs.items()}
-    peak = {k: v["peak_mb"] for k, v in runs.items()}
+    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    peak = {k: statistics.median(r["peak_mb"] for r in v) for k, v in runs.items()}
     ideal = kept / total
     print(f"{args.model}: plan {plan} ({len(plan.steps)} of {plan.num_layers} layers); removed share of the "
-          f"weight bytes {1 - ideal:.1%}; {args.tokens} decode tokens, {args.rounds} alternating rounds, llama.cpp")
+          f"weight bytes {1 - ideal:.1%}; {args.tokens} decode tokens, {len(runs['pruned'])} alternating rounds, "
+          f"llama.cpp")
     print(f"  file size   original {sizes['original'] / 2**20:7.1f} MiB  pruned {sizes['pruned'] / 2**20:7.1f} MiB"
           f"  ratio {sizes['pruned'] / sizes['original']:.3f}  (ideal {ideal:.3f})")
     print(f"  peak memory original {peak['original']:7.1f} MiB  pruned {peak['pruned']:7.1f} MiB"
           f"  ratio {peak['pruned'] / peak['original']:.3f}  (ideal for the weights {ideal:.3f}; the rest is runtime)")
-    print(f"  decode      original {speed['original']:7.1f} tok/s  pruned {speed['pruned']:7.1f} tok/s"
-          f"  speedup {speed['pruned'] / speed['original']:.3f}  (ideal {1 / ideal:.3f})")
+    print(f"  decode      original {speed['original']:7.1f} tok/s  pruned {speed['pruned']:7.1f} tok/s (medians)"
+          f"  speed-up per round {speedups['decode']['pruned'].text()}  (ideal {1 / ideal:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Which way of choosing layers to remove keeps the most quality? Every method side by side.
+"""Which way of choosing layers to remove keeps the most quality? Every method side by side, with intervals.
 
 For each granularity (whole layers, attention only, MLP only) and each count n, the plan chosen by:
 - `last-n`: the naive baseline, the n layers (or halves) just before the final one;
@@ -6,13 +6,18 @@ For each granularity (whole layers, attention only, MLP only) and each count n, 
 - `angular`: the n consecutive layers with the smallest angular distance (Gromov et al.) -- layers only;
 - `cosine`: LLM-Drop's input/output cosine one-shot (for whole layers it ranks as `bi` does);
 - `greedy`: greedy perplexity search (the plans after round n of one search to the largest n).
-All methods calibrate on one text; the plans are evaluated on texts NOT used for calibration
-(perplexity, ctx 512, non-overlapping windows) and on HellaSwag rows (acc, acc_norm).
-Results are written to --out after every plan, and each greedy search saves its state after every round
-(beside --out), so a stopped run keeps what it measured; `--resume` continues it with the same options.
+All methods calibrate on one text; the plans are evaluated on texts NOT used for calibration (perplexity,
+ctx 512, non-overlapping windows, with a t interval over windows) and on the zero-shot suite (`--tasks`,
+lm-eval's scoring; `evaluate/tasks.py`): each task's headline metric, and their average with its 95 %
+interval and its difference against the baseline, paired on the same items (`evaluate/stats.py`; `n.s.`
+marks a difference inside the noise). Every (plan, task) result is stored in `--out`.results/ as soon as it
+is measured (`evaluate/compare.py`), and each greedy search saves its state after every round (beside
+--out), so a stopped run keeps what it measured: running it again with the same options reuses it, and
+says which results it recomputes because an option changed.
 
     python benchmarks/method_quality.py [--model smollm2-135m] [--counts 4,6,8] [--granularities layer,attn,mlp]
-        [--mc-rows 1000] [--ppl-windows 0] [--device cuda] [--out method_quality.json] [--resume]
+        [--tasks suite] [--rows 0] [--task-data /work/shared/data/tasks] [--ppl-windows 0] [--keep 1.0]
+        [--device cuda] [--task-batch-size 64] [--out method_quality.json] [--resume]
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import layerlab
-from layerlab.corpora import read_choices, read_text
-from layerlab.evaluate.multiple_choice import multiple_choice
-from layerlab.evaluate.perplexity import perplexity
+from layerlab.corpora import read_text
+from layerlab.evaluate.compare import evaluate_plans
+from layerlab.evaluate.table import delta_text, estimate_text
 from layerlab.io import update_file
 from layerlab.metrics.similarity import similarity
 from layerlab.plan import Plan, Step
-from layerlab.runtime import apply_plan
 from layerlab.search import Budget, greedy, one_shot
+from layerlab.settings import EvalSettings
 
 ONE_SHOT = {"layer": ("bi", "angular", "cosine"), "attn": ("cosine",), "mlp": ("cosine",)}
 
@@ -52,8 +58,8 @@ def chosen_plans(model, tokenizer, args) -> list[dict]:
     for granularity in args.granularities:
         start = time.perf_counter()
         search = greedy(model, tokenizer, text, Budget(remove=max(args.counts)), granularity, ctx=args.calib_ctx,
-                        windows=args.search_windows, state_path=f"{args.out}.greedy-{granularity}.json",
-                        resume=args.resume)
+                        windows=args.search_windows, keep=args.keep, resume=args.resume,
+                        state_path=f"{args.out}.greedy-{granularity}.json")
         print(f"greedy {granularity}: {time.perf_counter() - start:.0f} s, {search.layer_forwards} layer forwards",
               flush=True)
         for n in args.counts:
@@ -64,30 +70,32 @@ def chosen_plans(model, tokenizer, args) -> list[dict]:
     return rows
 
 
-def evaluate(model, tokenizer, plan: Plan, texts: dict[str, str], items, args) -> dict:
-    with apply_plan(model, plan):
-        result = {name: perplexity(model, tokenizer, text, ctx=512, batch_size=args.batch_size,
-                                   max_windows=args.ppl_windows or None, progress=False).perplexity
-                  for name, text in texts.items()}
-        mc = multiple_choice(model, tokenizer, items, batch_size=args.mc_batch_size, progress=False)
-    return result | {"acc": mc.acc, "acc_norm": mc.acc_norm}
+def evaluate(model, tokenizer, baseline: Plan, plan: Plan, settings: EvalSettings, texts: list[str], args) -> dict:
+    """The plan beside the baseline: perplexity on every text, the zero-shot tasks, their average, paired deltas."""
+    store = f"{args.out}.results"
+    plans = [baseline] if plan == baseline else [baseline, plan]
+    rows = evaluate_plans(model, tokenizer, plans, settings, store=store, progress=False)["rows"]
+    out = {"tasks": rows[-1].get("tasks", {}), "average": rows[-1].get("average"), "ppl": {}}
+    for text in texts:
+        other = replace(settings, tasks=("ppl",), ppl_text=text)
+        out["ppl"][text] = evaluate_plans(model, tokenizer, plans, other, store=store,
+                                          progress=False)["rows"][-1]["ppl"]
+    for task in out["tasks"].values():  # keep the JSON small: the per-item results stay in the store
+        task.pop("per_item")
+    for ppl in out["ppl"].values():
+        ppl.pop("per_window")
+    return out
 
 
-def settings(options: dict) -> dict:
-    """The options that decide each plan's numbers (not which plans, where they go, or whether to resume)."""
-    return {k: v for k, v in options.items() if k not in ("out", "resume", "counts", "granularities")}
-
-
-def measured_before(args) -> dict[str, dict]:
-    """Metrics per plan text from an earlier run of the same settings in --out (for --resume)."""
-    out = Path(args.out)
-    if not (args.resume and out.exists()):
-        return {}
-    earlier = json.loads(out.read_text())
-    if settings(earlier["settings"]) != settings(vars(args)):
-        raise SystemExit(f"{out} was measured with other settings; resume with the same options or another --out")
-    metrics = ("acc", "acc_norm", *args.eval_texts)
-    return {row["plan"]: {k: row[k] for k in metrics} for row in earlier["rows"]}
+def print_row(row: dict, texts: list[str], tasks: tuple[str, ...]) -> None:
+    ppl = " ".join(f"{estimate_text(row['ppl'][t]['perplexity'], row['ppl'][t]['interval'], 2):>22s}" for t in texts)
+    scores = " ".join(f"{row['tasks'][t]['value']:8.3f}" for t in tasks)
+    average = row["average"]
+    shown = ""
+    if average:
+        value = estimate_text(average["value"], average["interval"], 3)
+        shown = f" {value:>13s} {delta_text(average.get('delta'), 3):>28s}"
+    print(f"{row['granularity']:11s} {row['n']:2d} {row['method']:8s} {ppl} {scores}{shown}  {row['plan']}", flush=True)
 
 
 def main() -> None:
@@ -99,36 +107,43 @@ def main() -> None:
     parser.add_argument("--calib-ctx", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=16, help="windows for the one-shot metrics")
     parser.add_argument("--search-windows", type=int, default=8, help="windows for the greedy search")
+    parser.add_argument("--keep", type=float, default=1.0,
+                        help="greedy: share of candidates kept each round (1 = no pruning)")
     parser.add_argument("--eval-texts", default="wikitext2-test,pride-and-prejudice", type=lambda s: s.split(","))
     parser.add_argument("--ppl-windows", type=int, default=0, help="first N windows of each text; 0 = all")
-    parser.add_argument("--mc-rows", type=int, default=1000)
+    parser.add_argument("--tasks", default="suite", help="zero-shot tasks (lm-eval names, or suite)")
+    parser.add_argument("--rows", type=int, default=0, help="rows per task; 0 = all the data has")
+    parser.add_argument("--task-data", default=None, help="folder of full task files (default: bundled subsets)")
     parser.add_argument("--batch-size", type=int, default=16, help="perplexity windows per forward pass")
-    parser.add_argument("--mc-batch-size", type=int, default=None,
-                        help="HellaSwag sequences per forward pass (default: one item at a time on its context cache)")
+    parser.add_argument("--task-batch-size", type=int, default=None,
+                        help="whole task sequences per forward pass (GPU); default: shared contexts (CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="method_quality.json")
-    parser.add_argument("--resume", action="store_true", help="continue a stopped run with the same options")
+    parser.add_argument("--resume", action="store_true", help="continue stopped greedy searches with the same options")
     args = parser.parse_args()
 
+    settings = EvalSettings(tasks=("ppl", *(t for t in EvalSettings(tasks=args.tasks).tasks if t != "ppl")),
+                            rows=args.rows or None, task_data=args.task_data, task_batch_size=args.task_batch_size,
+                            ppl_text=args.eval_texts[0], ctx=512, ppl_windows=args.ppl_windows or None,
+                            batch_size=args.batch_size)
+    data = settings.check()  # a missing or malformed task file fails now, not after the searches
     model, tokenizer = layerlab.load(args.model, device=args.device)
-    texts = {name: read_text(name) for name in args.eval_texts}
-    items = read_choices("hellaswag-2k", limit=args.mc_rows)
-    measured = measured_before(args)
     rows = chosen_plans(model, tokenizer, args)
-    header = (f"{'granularity':11s} {'n':>2s} {'method':8s} " + " ".join(f"{'ppl ' + t:>24s}" for t in texts)
-              + f" {'acc':>6s} {'acc_norm':>8s}  plan")
-    print(f"{args.model}; calibration {args.calibration}; HellaSwag first {len(items)} rows; "
-          f"ppl ctx 512 on {', '.join(texts)} ({args.ppl_windows or 'all'} windows)\n{header}", flush=True)
+    baseline = rows[0]["plan"]
+    tasks = settings.zero_shot
+    print(f"{args.model}; calibration {args.calibration}; tasks "
+          f"{', '.join(f'{n} ({len(d.items)} rows, {d.task.headline})' for n, d in data.items())}; "
+          f"ppl ctx 512 on {', '.join(args.eval_texts)} ({args.ppl_windows or 'all'} windows); 95 % intervals, "
+          f"Δ average paired against the baseline (n.s.: not significant)", flush=True)
+    print(f"{'granularity':11s} {'n':>2s} {'method':8s} " + " ".join(f"{'ppl ' + t:>22s}" for t in args.eval_texts)
+          + " " + " ".join(f"{t[:8]:>8s}" for t in tasks) + f" {'average':>13s} {'Δ average':>28s}  plan",
+          flush=True)
     for row in rows:
-        key = row["plan"].to_text()
-        if key not in measured:
-            measured[key] = evaluate(model, tokenizer, row["plan"], texts, items, args)
-        row |= measured[key] | {"plan": key}
-        print(f"{row['granularity']:11s} {row['n']:2d} {row['method']:8s} "
-              + " ".join(f"{row[t]:24.3f}" for t in texts) + f" {row['acc']:6.3f} {row['acc_norm']:8.3f}  {key}",
-              flush=True)
-        update_file(Path(args.out), json.dumps({"settings": vars(args), "rows": [r for r in rows if "acc" in r]},
-                                               indent=1))
+        row |= evaluate(model, tokenizer, baseline, row["plan"], settings, args.eval_texts, args)
+        row["plan"] = row["plan"].to_text()
+        print_row(row, args.eval_texts, tasks)
+        done = [r for r in rows if "ppl" in r]
+        update_file(Path(args.out), json.dumps({"settings": vars(args), "rows": done}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 For each model: the draft-plan search picks a plan (predicted speedup from measured acceptance and
 timed cost ratio); then plain greedy `generate`, assisted generation with a physically pruned copy of
 that plan as assistant (`materialize`), and layerlab self-speculation with the plan decode the same
-prompts in interleaved rounds (round 0 warms up; medians). Prints tokens/s, whether the output equals
-plain greedy, acceptance, measured against predicted speedup, and what a win would need.
+prompts in interleaved rounds (round 0 warms up; more rounds, up to --max-rounds, while the per-round
+speed-ups disagree; `evaluate/speed.py`). Prints tokens/s (medians), each speed-up over plain greedy as
+the median of per-round ratios with its interquartile range (or "unreliable" when the rounds disagree),
+whether the output equals plain greedy, acceptance, measured against predicted speedup, and what a win
+would need.
 
     python benchmarks/speculative.py [--models smollm2-135m,gemma3-270m] [--max-new-tokens 64] [--rounds 3]
+        [--max-rounds 9]
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import layerlab
 from layerlab.corpora import read_text
 from layerlab.draft_search import search_draft_plan
-from layerlab.evaluate.speed import interleaved
+from layerlab.evaluate.speed import Rounds, compare_speed
 from layerlab.export.hf import materialize
 from layerlab.speculative import SpeculativeSettings, SpeculativeStats, break_even_summary, speculative_generate
 
@@ -33,7 +37,7 @@ def timed(run) -> tuple[float, torch.Tensor, SpeculativeStats | None]:
     return time.perf_counter() - start, ids, stats
 
 
-def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: int, settings: SpeculativeSettings,
+def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: Rounds, settings: SpeculativeSettings,
                 device: str) -> None:
     model, tokenizer = layerlab.load(name, device=device)
     found = search_draft_plan(model, tokenizer, prompts, read_text("wikitext2-valid"), max_new_tokens=24,
@@ -56,11 +60,13 @@ def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: int, set
         return [r.ids for r in results], SpeculativeStats.combined([r.stats for r in results])
 
     with torch.inference_mode():
-        samples = interleaved({"plain greedy": lambda: timed(plain), "HF assisted (pruned copy)": lambda: timed(
-            assisted), "layerlab self-speculative": lambda: timed(self_speculative)}, rounds)
+        methods = {"plain greedy": plain, "HF assisted (pruned copy)": assisted,
+                   "layerlab self-speculative": self_speculative}
+        samples, speedups = compare_speed({m: lambda run=run: timed(run) for m, run in methods.items()},
+                                          "plain greedy", rounds, {"time": lambda s: s[0]})
     reference = samples["plain greedy"][0][1]
     plain_seconds = statistics.median(s[0] for s in samples["plain greedy"])
-    print(f"\n{name}: {len(prompts)} prompts x {new_tokens} tokens, {rounds} interleaved rounds, "
+    print(f"\n{name}: {len(prompts)} prompts x {new_tokens} tokens, {len(samples['plain greedy'])} interleaved rounds, "
           f"torch threads {torch.get_num_threads()}")
     print("  draft-plan search (predicted speedup, acceptance, cost ratio):")
     for candidate in found.ranking:
@@ -71,8 +77,8 @@ def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: int, set
     for method, values in samples.items():
         seconds = statistics.median(s[0] for s in values)
         same = all(torch.equal(a, b) for a, b in zip(values[0][1], reference, strict=True))
-        line = (f"  {method:<28} {len(prompts) * new_tokens / seconds:7.1f} tok/s  x{plain_seconds / seconds:.2f} "
-                f"(prompt included)  same tokens as plain greedy: {same}")
+        line = (f"  {method:<28} {len(prompts) * new_tokens / seconds:7.1f} tok/s  "
+                f"speed-up {speedups['time'][method].text()} (prompt included)  same tokens as plain greedy: {same}")
         stats = values[-1][2]
         if stats is not None:
             stats.plain_seconds_per_token = plain_seconds / (len(prompts) * new_tokens)  # same rounds, interleaved
@@ -87,13 +93,15 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="How many of the built-in prompts.")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at least")
+    parser.add_argument("--max-rounds", type=int, default=9, help="rounds at most, while the speed-ups disagree")
     parser.add_argument("--max-draft", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     settings = SpeculativeSettings(max_draft=args.max_draft)
     for name in args.models.split(","):
-        bench_model(name, PROMPTS[: args.prompts], args.max_new_tokens, args.rounds, settings, args.device)
+        bench_model(name, PROMPTS[: args.prompts], args.max_new_tokens, Rounds(args.rounds, args.max_rounds), settings,
+                    args.device)
 
 
 if __name__ == "__main__":

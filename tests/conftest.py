@@ -45,3 +45,24 @@ def tiny_folder(tmp_path_factory, smollm2_tokenizer):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU every op waits at the thread barrier."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A short text file (the start of WikiText-2 test) to calibrate or train on."""
+    from test_evaluate import TEXT
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return str(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -89,3 +90,57 @@ def greedy_without_cache(model, ids: torch.Tensor, new_tokens: int) -> torch.Ten
         logits = model(ids, use_cache=False).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids
+
+
+def _heads(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    return t.view(shape).transpose(1, 2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@torch.no_grad()
+def manual_kv_logits(model, ids: torch.Tensor, plan: Plan, stored=None) -> torch.Tensor:
+    """The plan's logits with KV sharing, attention written out by hand (Llama-like and Gemma 3 layouts):
+    a consumer step projects only its queries and attends over its source step's rotated keys and values.
+    `stored(tensor)`, when given, is what a cache gives back for keys and values it stored (quantization)."""
+    base, config = model.model, model.config
+    gemma = config.model_type == "gemma3_text"
+    batch, length = ids.shape
+    h = base.embed_tokens(ids)
+    positions = torch.arange(length)[None]
+    sources = plan.kv_source_steps
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, step in enumerate(plan.steps):
+        layer = base.layers[step.layer]
+        kind = config.layer_types[step.layer] if gemma else None
+        cos, sin = base.rotary_emb(h, positions, kind) if gemma else base.rotary_emb(h, positions)
+        window = config.sliding_window if kind == "sliding_attention" else None
+        if step.attention:
+            att = layer.self_attn
+            x = layer.input_layernorm(h)
+            heads = functools.partial(_heads, shape=(batch, length, -1, att.head_dim))
+            q = heads(att.q_proj(x))
+            q = _rotate(att.q_norm(q) if hasattr(att, "q_norm") else q, cos, sin)
+            if sources[i] is None:
+                k, v = heads(att.k_proj(x)), heads(att.v_proj(x))
+                k = _rotate(att.k_norm(k) if hasattr(att, "k_norm") else k, cos, sin)
+                shared[i] = (k, v) if stored is None else (stored(k), stored(v))
+            k, v = shared[i if sources[i] is None else sources[i]]
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = q @ k.transpose(-1, -2) * att.scaling + _additive_mask(length, window, h.dtype)
+            out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, length, -1)
+            out = att.o_proj(out)
+            h = h + (layer.post_attention_layernorm(out) if gemma else out)
+        if step.mlp:
+            if gemma:
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+    logits = model.lm_head(model.model.norm(h))
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

@@ -29,6 +29,7 @@ class Case:
     needle: str  # a piece of the one-line message
     setup: Callable[[Path], None] | None = None  # creates the files the case needs
     patches: tuple[tuple[str, object], ...] = ()  # (attribute path, value) set for the case
+    hidden: tuple[str, ...] = ()  # modules that cannot be imported during the case (an extra not installed)
 
 
 # ------------------------------------------------------------------------------------------ setups
@@ -112,6 +113,9 @@ MERGEKIT_HEAD = "merge_method: passthrough\nslices:\n  - sources:\n      - model
 CASES = [
     # data loss: --force replaces only what layerlab wrote, only after every check, never an input
     Case("force-on-a-user-folder", "prune -m {tiny} --force --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("prune-into-a-user-folder", "prune -m {tiny} --out {tmp}/mine", "not written by layerlab", user_folder),
+    Case("window-longer-than-the-model-allows", "score -m {tiny} --ctx 4096", "positions the model was built for"),
+    Case("model-neither-local-nor-reachable", "eval -m nobody/no-such-model", "cannot be reached"),
     Case("force-with-a-bad-budget", "prune -m {tiny} --force --drop 150% --out {tmp}/run", "between 0 and 1",
          layerlab_run),
     Case("force-with-a-missing-calibration", "prune -m {tiny} --force --calibration {tmp}/nope.txt --out {tmp}/run",
@@ -187,9 +191,11 @@ CASES = [
     Case("config-without-weights", "generate -m {tmp}/m", "no weights", config_only("llama")),
     Case("cuda-on-a-cpu-torch", "generate -m {tiny} --device cuda", "no CUDA device"),
     Case("bad-device", "generate -m {tiny} --device gpu0", "unknown device"),
-    Case("empty-jsonl", "eval -m {tiny} --tasks mc --mc-data {tmp}/e.jsonl", "is empty", text_file("e.jsonl", "")),
-    Case("jsonl-label-out-of-range", "eval -m {tiny} --tasks mc --mc-data {tmp}/e.jsonl", "e.jsonl:1",
-         text_file("e.jsonl", '{"query": "q", "endings": ["a", "b"], "label": 5}\n')),
+    Case("empty-task-file", "eval -m {tiny} --tasks hellaswag --task-data {tmp}", "holds no rows",
+         text_file("hellaswag_val.jsonl", "")),
+    Case("task-label-out-of-range", "eval -m {tiny} --tasks hellaswag --task-data {tmp}", "hellaswag_val.jsonl:1",
+         text_file("hellaswag_val.jsonl", '{"query": "q", "endings": ["a", "b"], "label": 5}\n')),
+    Case("task-data-not-a-folder", "eval -m {tiny} --tasks arc_easy --task-data {tmp}/none", "does not exist"),
     Case("ppl-text-shorter-than-a-window", "eval -m {tiny} --tasks ppl --ppl-text {tmp}/s.txt --out {tmp}/r.json",
          "fewer than one window", text_file("s.txt", "Too short.")),
     Case("eval-unknown-task", "eval -m {tiny} --tasks bogus", "unknown task 'bogus'"),
@@ -230,8 +236,55 @@ CASES = [
          "whole layers only"),
     Case("prune-sublayer-search-into-gguf", "prune -m smollm2-135m --granularity attn --out {tmp}/o",
          "whole layers only"),
+    # KV sharing and KV caches: refused from the plan and the config, before the model loads
+    Case("kv-source-runs-later", "generate -m {tiny} -p 'kv:1<-3'", "comes later"),
+    Case("kv-source-skipped", "generate -m {tiny} -p 'skip:1; kv:2<-1'", "skipped"),
+    Case("kv-chain", "generate -m {tiny} -p 'kv:2<-1,1<-0'", "instead of a chain"),
+    Case("kv-sources-file-not-a-map", "generate -m {tiny} -p {tmp}/p.json", "must map consumer layers",
+         plan_file("p.json", '{"plan": "all", "kv_sources": {"2": "one"}}')),
+    Case("kv-sliding-reads-global", "generate -m {tmp}/m -p 'kv:1<-0'", "same attention type",
+         with_weights(config_only("gemma3_text", layer_types=["full_attention", "sliding_attention"]))),
+    Case("kv-cache-the-model-cannot-take", "eval -m {tmp}/m --tasks ppl --kv-cache fp8 --out {tmp}/r.json",
+         "all use full attention",
+         with_weights(config_only("gemma3_text", layer_types=["full_attention", "sliding_attention"]))),
+    Case("kv-cache-with-a-result-store", "eval -m {tiny} --tasks ppl --kv-cache int8 --store {tmp}/s",
+         "--store keeps results without the KV cache type"),
+    Case("kv-search-with-a-layer-budget", "search -m {tiny} --kv --remove 2", "--kv takes its budget as --fraction"),
+    Case("kv-search-budget-not-a-share", "search -m {tiny} --kv --fraction 1.5", "between 0 and 1"),
+    Case("kv-search-negative-tolerance", "search -m {tiny} --kv --tolerance -1", "tolerance"),
+    Case("kv-search-from-a-kv-plan", "search -m {tiny} --kv --start 'kv:2<-1'", "without a kv: clause"),
+    Case("start-without-kv", "search -m {tiny} --remove 1 --start skip:1", "add --kv"),
+    Case("kv-plan-to-gguf", "export -m {tmp}/copy.gguf -p 'kv:2<-1' -f gguf --out {tmp}/o.gguf",
+         "cannot carry KV sharing", lambda tmp: shutil.copy(SMOLLM2_GGUF(), tmp / "copy.gguf")),
     Case("calibration-shorter-than-a-window", "prune -m {tiny} --layers 1 --calibration {tmp}/s.txt --out {tmp}/o",
          "fewer than one window", text_file("s.txt", "Far too short to calibrate on.")),
+    # parallel search on Ray: refused before Ray starts or the model loads
+    Case("workers-zero", "search -m {tiny} --remove 1 --workers 0", "--workers must be at least 1"),
+    Case("ray-address-unreachable", "search -m {tiny} --remove 1 --workers 2 --ray-address 127.0.0.1:9",
+         "nothing answers there"),
+    Case("ray-address-not-an-address", "search -m {tiny} --remove 1 --workers 2 --ray-address 'a b'",
+         "is not HOST:PORT"),
+    Case("ray-not-installed", "search -m {tiny} --remove 1 --workers 2", "pip install 'layerlab[ray]'",
+         hidden=("ray",)),
+    Case("eval-ray-not-installed", "eval -m {tiny} --workers 2", "pip install 'layerlab[ray]'", hidden=("ray",)),
+    Case("workers-with-a-one-shot-method", "search -m {tiny} --remove 1 --method bi --workers 2", "drop --workers"),
+    Case("streamed-greedy", "search -m {tiny} --remove 1 --streamed", "--streamed"),
+    Case("streamed-with-ppl-delta", "score -m {tiny} --streamed --ppl-delta", "drop --streamed or --ppl-delta"),
+    # recovery: a patch over a removal it cannot express, short calibration text, a teacher that is not the full model
+    Case("heal-patch-over-a-half", "heal -m {tiny} -p attn-skip:1 --method patch --out {tmp}/h", "drops only a half"),
+    Case("heal-patch-over-layer-0", "heal -m {tiny} -p skip:0 --method patch --out {tmp}/h", "removes layer 0"),
+    Case("heal-patch-over-a-reorder", "heal -m {tiny} -p 0,2,1,3,4,5 --method patch+kd --out {tmp}/h",
+         "repeats or reorders"),
+    Case("prune-patch-on-halves", "prune -m {tiny} --heal patch --granularity sublayer --out {tmp}/o",
+         "patches whole removed layers"),
+    Case("heal-kd-teacher-not-full", "heal -m {tiny} -p skip:1 --method kd --teacher skip:2 --out {tmp}/h",
+         "teacher must be the full model"),
+    Case("heal-calibration-budget-too-small", "heal -m {tiny} -p skip:1 --method patch --calib-tokens 100 "
+         "--out {tmp}/h", "raise it to at least 768"),
+    Case("heal-calibration-text-too-short", "heal -m {tiny} -p skip:1 --method patch --calibration {tmp}/s.txt "
+         "--calib-tokens 512 --out {tmp}/h", "fewer than one window", text_file("s.txt", "Far too short.")),
+    Case("heal-patch-on-the-eval-text", "heal -m {tiny} -p skip:1 --method patch --calibration wikitext2-test "
+         "--out {tmp}/h", "evaluation text"),
 ]
 TINY: list[Path] = []
 
@@ -260,6 +313,8 @@ def run_case(case: Case, tmp: Path, monkeypatch, capfd) -> tuple[int, list[str],
     monkeypatch.setattr("layerlab.models.load", _no_model_load)  # every case is refused before the model loads
     for target, value in case.patches:
         monkeypatch.setattr(target, value)
+    for module in case.hidden:
+        monkeypatch.setitem(sys.modules, module, None)  # find_spec answers None, import fails
     argv = shlex.split(case.argv.replace("{tmp}", str(tmp)).replace("{tiny}", str(tmp / "tiny")))
     before = snapshot(tmp)
     capfd.readouterr()
@@ -382,7 +437,7 @@ def save_then_terminate(self, *args, **kwargs):
 transformers.PreTrainedModel.save_pretrained = save_then_terminate
 from layerlab.cli import main
 sys.exit(main(["prune", "-m", {str(tiny_folder)!r}, "--layers", "1", "--ctx", "32", "--windows", "1",
-               "--ppl-windows", "1", "--mc-items", "2", "--out", {str(out)!r}]))
+               "--ppl-windows", "1", "--rows", "2", "--out", {str(out)!r}]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 143, result.stderr[-3000:]

@@ -9,7 +9,8 @@ from tiny import tiny_model
 
 from layerlab import Plan, apply_plan
 from layerlab.corpora import Choice, DataError, read_choices, read_text
-from layerlab.evaluate.multiple_choice import encode_pair, multiple_choice
+from layerlab.evaluate.loglikelihood import encode_pair
+from layerlab.evaluate.multiple_choice import multiple_choice
 from layerlab.evaluate.perplexity import perplexity
 from layerlab.evaluate.speed import measure_plans, parameter_bytes
 
@@ -140,5 +141,5 @@ def test_bad_data_sources(tmp_path):
         read_text("no-such-corpus")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "endings": ["a", "b"], "label": 3}\n')
-    with pytest.raises(DataError, match="label 3 is not an index"):
+    with pytest.raises(DataError, match="bad.jsonl:1: label 3 is not an index"):
         read_choices(str(bad))

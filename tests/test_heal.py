@@ -17,6 +17,8 @@ from layerlab.evaluate.perplexity import perplexity
 from layerlab.export.hf import materialize
 from layerlab.heal import HealError, HealSettings, checkpoint_folder, heal, save_healed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PLAN = "skip:2-3"
 FAST = HealSettings(steps=8, lr=1e-2, ctx=64, batch_size=2, warmup=2, checkpoint_every=3)
 
@@ -24,15 +26,6 @@ FAST = HealSettings(steps=8, lr=1e-2, ctx=64, batch_size=2, warmup=2, checkpoint
 class SavedCharTokenizer(CharTokenizer):
     def save_pretrained(self, folder):
         pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU every op waits at the thread barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ids():

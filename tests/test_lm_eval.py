@@ -63,3 +63,29 @@ def test_lm_eval_command_lines_know_the_layerlab_model(task_dir, command):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "layerlab_choice" in result.stdout and "acc_norm" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["arc_easy", "winogrande", "lambada_openai", "boolq", "mmlu"])
+def test_every_task_kind_equals_lm_eval_hf_per_item(smollm2, tmp_path, name):
+    """Multiple choice (acc_norm), WinoGrande's partial scoring, LAMBADA, single-token answers, on the same rows."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from layerlab.evaluate.lm_eval_adapter import write_task_rows
+    from layerlab.evaluate.tasks import load_task, run_task, summarize
+
+    model, tokenizer = smollm2
+    data = load_task(name, rows=ROWS)
+    local = write_task_rows(data, tmp_path)
+    out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tasks=[local],
+                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"][local], key=lambda s: s["doc_id"])
+    ours = run_task(model, tokenizer, data, progress=False)
+    for metric in data.task.metrics:
+        if metric != "perplexity":
+            assert list(ours.per_item[metric]) == [float(s[metric]) for s in samples]
+        assert out["results"][local][f"{metric},none"] == pytest.approx(summarize(ours)["metrics"][metric]["value"],
+                                                                         rel=1e-4)
+    for lls, sample in zip(ours.loglikelihoods, samples, strict=True):
+        assert lls == pytest.approx([r[0] for r in sample["filtered_resps"]], abs=1e-3)

@@ -30,7 +30,7 @@ JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner,
                                                                                  max_size=4)), max_leaves=20)
 KEYS = st.sampled_from(["steps", "num_layers", "drop_attn_list", "drop_mlp_list", "llama_cpp_skip_flags",
                         "slices", "merge_method", "plan", "layer", "attention", "mlp", "sources", "model",
-                        "layer_range", "atention", "dtype"])
+                        "layer_range", "atention", "dtype", "kv_sources"])
 PLAN_MAPPING = st.dictionaries(KEYS, JSON_VALUES, max_size=4)
 
 
@@ -43,12 +43,22 @@ def _plan_or_plan_error(build) -> None:
     assert isinstance(plan, Plan)
     assert 1 <= len(plan.steps) <= MAX_STEPS_PER_LAYER * plan.num_layers
     assert Plan.parse(plan.to_text(), plan.num_layers) == plan  # what parses also prints and parses back
+    assert Plan.from_dict(plan.to_dict(), plan.num_layers) == plan
 
 
 @FAST
 @given(PLAN_TEXT)
 def test_plan_text(text):
     _plan_or_plan_error(lambda: Plan.parse(text, LAYERS))
+
+
+@FAST
+@given(st.sampled_from(["all", "skip:3", "0-5,5-11", "attn-skip:4; mlp-skip:2"]),
+       st.dictionaries(st.one_of(st.integers(-1, 13), st.sampled_from(["7", "x", "07", "1.5"])),
+                       st.one_of(st.integers(-1, 13), st.booleans()), max_size=4))
+def test_kv_sources(text, sources):
+    """KV maps next to a plan: valid ones round-trip through text and JSON, the rest are one PlanError."""
+    _plan_or_plan_error(lambda: Plan.from_dict({"plan": text, "kv_sources": sources}, LAYERS))
 
 
 @FAST

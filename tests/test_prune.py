@@ -5,18 +5,23 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import layerlab
-from layerlab import Plan, apply_plan
+from layerlab import Plan
+from layerlab.errors import SettingsError
+from layerlab.export.hf import materialize
 from layerlab.prune import QUICK_EVAL, PruneSettings, prune
+from layerlab.recover import recover
+from layerlab.settings import HealSettings, RecoverSettings
 
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
-                         evaluation=replace(QUICK_EVAL, ppl_windows=2, mc_items=4, max_new_tokens=4, speed_rounds=1,
-                                            speed_prompt_tokens=16, speed_decode_tokens=4))
+                         evaluation=replace(QUICK_EVAL, ppl_windows=2, rows=4, max_new_tokens=4, speed_rounds=1,
+                                            speed_max_rounds=1, speed_prompt_tokens=16, speed_decode_tokens=4))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def job(tiny_folder, tmp_path_factory):
 
 
 def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(job):
-    model, _, out, data = job
+    model, tokenizer, out, data = job
     plan = Plan.parse(data["plan"], 6)
     assert len(plan.steps) == 4 and len(data["removed"]) == 2
     rows = data["evaluation"]["rows"]
@@ -38,12 +43,23 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     expected = "greedy" if greedy_ppl <= data["best_one_shot"]["perplexity"] else data["best_one_shot"]["method"]
     assert data["chosen_by"] == expected
     assert json.loads((out / "report.json").read_text())["plan"] == data["plan"]
-    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    with torch.no_grad(), apply_plan(model, plan):
-        assert (exported(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    recovery = data["recovery"]  # the default: the linear patch when it lowers the calibration loss
+    patched = recovery["calibration_loss_after"] < recovery["calibration_loss_before"]
+    assert recovery["method"] == ("patch" if patched else "none") and recovery["reason"]
+    assert (data["healed"] is not None) == patched
+    expected = {"model": materialize(model, plan)}  # the plain plan, and the recovered model beside it
+    if patched:
+        expected["model-healed"] = recover(model, tokenizer, plan, replace(SETTINGS.recovery, method="patch"),
+                                           progress=False).model
+    assert sorted(Path(r["path"]).name for r in data["shipped"]) == sorted(expected)
+    for name, reference in expected.items():
+        exported = AutoModelForCausalLM.from_pretrained(out / name).eval()
+        with torch.no_grad():
+            assert (exported(ids).logits - reference(ids).logits).abs().max() <= 1e-4
     html = (out / "report.html").read_text()
-    assert html.count("<img src=\"data:image/png;base64,") == 6 and html.count("<table>") == 3
+    assert html.count("<img src=\"data:image/png;base64,") == 6
+    assert html.count("<table>") == 5  # eval: summary, tasks; shipped files
 
 
 def test_a_resumed_job_reuses_every_finished_step(job):
@@ -84,14 +100,23 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(job, tmp_path
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_prune_with_healing_adds_a_healed_row_and_model(tiny_folder, tmp_path):
-    from layerlab.heal import HealSettings
-
+def test_prune_with_distillation_adds_a_healed_row_and_exports_the_healed_model(tiny_folder, tmp_path):
     model, tokenizer = layerlab.load(str(tiny_folder))
-    settings = replace(SETTINGS, heal=True, heal_settings=HealSettings(steps=2, ctx=32, batch_size=2), export=False)
+    settings = replace(SETTINGS, recovery=RecoverSettings(method="kd",
+                                                          training=HealSettings(steps=2, ctx=32, batch_size=2)))
     data = prune(model, tokenizer, str(tiny_folder), tmp_path / "out", settings, progress=False)
     healed = data["healed"]
-    assert healed["plan"] == data["plan"] + " + LoRA" and len(healed["losses"]) == 2
-    assert "ppl_pct" in healed["delta"] and "acc_norm" in healed["delta"]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "healed").config.num_hidden_layers == 4
-    assert "+ LoRA" in (tmp_path / "out" / "report.html").read_text() and not (tmp_path / "out" / "model").exists()
+    assert healed["plan"] == data["plan"] + " + kd" and len(healed["losses"]) == 2
+    assert "delta" in healed["ppl"] and "acc_norm" in healed["tasks"]["hellaswag"]["delta"]
+    assert data["recovery"]["method"] == "kd" and len(data["recovery"]["training"]["losses"]) == 2
+    exported = tmp_path / "out" / "model-healed"
+    assert AutoModelForCausalLM.from_pretrained(exported).config.num_hidden_layers == 4
+    assert json.loads((tmp_path / "out" / "healed" / "recovery.json").read_text())["method"] == "kd"
+    assert "+ kd" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_prune_refuses_an_unknown_recovery_and_a_patch_over_halves():
+    with pytest.raises(SettingsError, match="unknown recovery 'magic'"):
+        PruneSettings(recovery=RecoverSettings(method="magic"))
+    with pytest.raises(SettingsError, match="--heal patch patches whole removed layers"):
+        PruneSettings(granularity="sublayer", recovery=RecoverSettings(method="patch"))

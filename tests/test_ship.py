@@ -334,17 +334,19 @@ def test_a_plan_that_moves_gemma3_global_layers_records_the_pattern_per_layer(tm
 def test_the_main_job_ships_a_gguf_source_as_gguf_with_healed_tensors_requantized(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from layerlab.heal import HealSettings
     from layerlab.prune import QUICK_EVAL, PruneSettings, prune
+    from layerlab.settings import HealSettings, RecoverSettings
 
     monkeypatch.setenv("LAYERLAB_CACHE", str(tmp_path / "cache"))
     f32 = write_tiny_gguf(tiny_hf("llama", layers=6), "llama", tmp_path / "f32.gguf")
     q8 = export_gguf(f32, "all", tmp_path / "q8.gguf", quant="Q8_0", changed=(), layers=6).path
     model, tokenizer = layerlab.load(str(q8))
-    settings = PruneSettings(layers=2, calib_ctx=32, calib_windows=2, heal=True,
-                             heal_settings=HealSettings(steps=2, ctx=32, batch_size=2),
-                             evaluation=replace(QUICK_EVAL, ctx=32, ppl_windows=2, mc_items=4, max_new_tokens=4,
-                                                speed_rounds=1, speed_prompt_tokens=16, speed_decode_tokens=4))
+    settings = PruneSettings(layers=2, calib_ctx=32, calib_windows=2,
+                             recovery=RecoverSettings(method="lora", training=HealSettings(steps=2, ctx=32,
+                                                                                           batch_size=2)),
+                             evaluation=replace(QUICK_EVAL, ctx=32, ppl_windows=2, rows=4, max_new_tokens=4,
+                                                speed_rounds=1, speed_max_rounds=1, speed_prompt_tokens=16,
+                                                speed_decode_tokens=4))
     data = prune(model, tokenizer, str(q8), tmp_path / "out", settings, progress=False)
     shipped = {r["name"]: r for r in data["shipped"]}
     assert data["exported"] == str(tmp_path / "out" / "model.gguf")

@@ -30,12 +30,34 @@ CONFIGS = {
 ARCHS = list(CONFIGS)
 
 
-def tiny_model(arch: str, seed: int = 0, layers: int = 6) -> torch.nn.Module:
-    """A random model (6 layers unless asked) in eval mode, float32, default attention."""
+def tiny_model(arch: str, seed: int = 0, layers: int = 6, vocab: int | None = None) -> torch.nn.Module:
+    """A random model (6 layers unless asked; `vocab` tokens, 97 unless asked) in eval mode, float32."""
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
     config.num_hidden_layers = layers
+    if vocab is not None:
+        config.vocab_size = vocab
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+class NumberTokenizer:
+    """Text of space-separated token ids ("12 7 33") to those ids; optional BOS; enough of the HF interface.
+
+    Lets tests build contexts that share exact token prefixes and continuations of known tokens.
+    """
+
+    def __init__(self, bos: int | None = None):
+        self.bos_token_id = bos
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None, split_special_tokens=False):
+        ids = [int(word) if word.isdigit() else 1 + ord(word[0]) % 90 for word in text.split()]
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def text_of(ids) -> str:
+    return "".join(f" {i}" for i in ids)

@@ -28,6 +28,12 @@ class Arch:
     embeds_are_stream: bool = True  # `inputs_embeds` enter the first layer unchanged (no position embeddings)
     # linear layers inside a decoder layer that LoRA healing adapts by default: all of attention and MLP
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    mlp_output: str = "mlp.down_proj"  # the MLP's last projection in a layer: a linear patch folds into it
+    mlp_output_norm: str | None = None  # a norm between the MLP and the residual add (Gemma 3), or none
+    norm_weight_offset: float = 0.0  # the norms scale by offset + weight (Gemma: 1 + weight)
+    # key / value projections of the attention, which a step reading another layer's KV does not need to run
+    # (empty when they are fused with the query projection: then they run and their output is discarded)
+    kv_projections: tuple[str, ...] = ("k_proj", "v_proj")
 
 
 _LLAMA_LIKE = Arch(
@@ -43,13 +49,16 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # fused
+    "phi3": replace(_LLAMA_LIKE, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused
+                    kv_projections=()),
     "gemma3_text": Arch(
         layers="model.layers",
         attention="self_attn",
         attention_norms=("input_layernorm", "post_attention_layernorm"),
         mlp="mlp",
         mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        mlp_output_norm="post_feedforward_layernorm",
+        norm_weight_offset=1.0,
     ),
     "gpt2": Arch(
         layers="transformer.h",
@@ -60,6 +69,8 @@ ARCHITECTURES: dict[str, Arch] = {
         final_norm="transformer.ln_f",
         embeds_are_stream=False,  # learned position embeddings are added to inputs_embeds
         lora_targets=("c_attn", "c_proj", "c_fc"),  # Conv1D layers; c_proj is in both attention and MLP
+        mlp_output="mlp.c_proj",
+        kv_projections=(),  # c_attn projects queries, keys and values at once
     ),
 }
 

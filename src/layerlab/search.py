@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .arch import arch_of, decoder_layers, get_path
+from .arch import arch_of, get_path
 from .errors import LayerlabError, PlanError, ResumeError
 from .evaluate.perplexity import Window, calibration_windows, logits_nll, scored_tokens, window_nll
 from .evaluate.speed import parameter_bytes
@@ -37,6 +37,7 @@ from .metrics.similarity import Similarity
 from .plan import Plan, Step
 from .runtime import apply_plan
 from .settings import GRANULARITIES, ONE_SHOT_METHODS
+from .streams import Recorder, place
 
 
 @dataclass(frozen=True)
@@ -86,21 +87,22 @@ class LossEvaluator:
         """Run the current plan once, keep the stream entering each step, return its loss."""
         self._prefix = []
         total = 0.0
-
-        def keep(module, args, kwargs):
-            self._prefix[-1].append(args[0] if args else kwargs["hidden_states"])
-
-        with apply_plan(self.model, plan):
-            handles = [step.register_forward_pre_hook(keep, with_kwargs=True) for step in decoder_layers(self.model)]
-            try:
-                for window in self.windows:
-                    self._prefix.append([])
-                    total += window_nll(self.model, [window])[0]
-                    self.layer_forwards += len(plan.steps)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        entering = [place("resid_pre", i) for i in range(len(plan.steps))]
+        with apply_plan(self.model, plan), Recorder(self.model, entering) as recorder:
+            for window in self.windows:
+                total += window_nll(self.model, [window])[0]
+                self._prefix.append([recorder[name] for name in entering])
+                self.layer_forwards += len(plan.steps)
         return total
+
+    def round(self, options: list[Candidate], desc: str, progress: bool = True) -> dict[str, float]:
+        """Every candidate's loss in order, each aborted once it exceeds the best complete loss before it."""
+        scores: dict[str, float] = {}
+        best = math.inf
+        for candidate in tqdm(options, desc=desc, unit="candidate", disable=not progress, leave=False):
+            scores[candidate.key] = self.loss(candidate, best)
+            best = min(best, scores[candidate.key])
+        return scores
 
     @torch.inference_mode()
     def loss(self, candidate: Candidate, abort_above: float = math.inf) -> float:
@@ -196,23 +198,28 @@ def resumable_state(path: str | Path, record: dict) -> SearchState:
 def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "layer", start: Plan | None = None,
            ctx: int = 256, windows: int = 4, keep: float = 1.0, reuse: bool = True, abort: bool = True,
            state_path: str | Path | None = None, resume: bool = False, max_rounds: int | None = None,
-           progress: bool = True, provenance: dict | None = None) -> SearchState:
+           progress: bool = True, provenance: dict | None = None, pool=None) -> SearchState:
     """Greedy perplexity search (see the module docstring). `max_rounds` stops this call early.
 
     The state records the settings, the calibration text's hash and `provenance` (the model's
     fingerprint); resuming a state that differs in any of them is an error naming the difference.
+    With `pool` (`parallel.WorkerPool`) each round's candidates fan out over its workers, with the same
+    result; `model` may then be the weightless `parallel.structure_model`.
     """
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     chunks = calibration_windows(tokenizer, text, ctx, windows)
     if keep < 1 and start is not None and len(set(start.layers)) < len(start.steps):
         raise PlanError("pruning candidates (keep < 1) needs a start plan without repeated layers")
+    if start is not None and start.kv:
+        raise PlanError("the greedy search removes units from plans without KV sharing; search the layers first, "
+                        "then the KV map (kv_search.search_kv)")
     settings = state_record(text, budget, granularity, start, ctx, windows, keep, reuse, abort, provenance)
     if resume and state_path and Path(state_path).exists():
         state = resumable_state(state_path, settings)
     else:
         state = SearchState(Plan.identity(n_layers).to_dict() if start is None else start.to_dict(), None,
                             settings=settings)
-    evaluator = LossEvaluator(model, chunks, reuse, abort)
+    evaluator = pool.evaluator(chunks, reuse, abort) if pool is not None else LossEvaluator(model, chunks, reuse, abort)
     evaluator.layer_forwards = state.layer_forwards
     with apply_plan(model, Plan.identity(n_layers)):
         full_bytes = parameter_bytes(model)
@@ -231,12 +238,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
             continue
         if not options:
             raise LayerlabError("no unit is left to remove; lower the budget")
-        scores: dict[str, float] = {}
-        best = math.inf
-        for candidate in tqdm(options, desc=f"round {len(state.trace) + 1}", unit="candidate",
-                              disable=not progress, leave=False):
-            scores[candidate.key] = evaluator.loss(candidate, best)
-            best = min(best, scores[candidate.key])
+        scores = evaluator.round(options, f"round {len(state.trace) + 1}", progress)
         chosen = min(options, key=lambda c: (scores[c.key], c.first_change, c.key))  # ties: a fixed order
         ranked = sorted((c.key for c in options if c.key != chosen.key), key=lambda k: scores[k])
         needed = budget.remove - len(state.trace) - 1 if budget.remove is not None else 1

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..metrics.similarity import record_streams
 from ..plan import Plan
 from ..search import head_logits
+from ..streams import place, record
 from .attention import default_plan, encode, step_names
 
 
@@ -37,7 +37,9 @@ def logit_lens(model, tokenizer, prompt: str, plan: Plan | None = None, top_k: i
     """One row per step of `plan`: the `top_k` tokens of the head applied to the stream leaving that step."""
     plan = default_plan(model, plan)
     ids, _ = encode(tokenizer, prompt, model.device)
-    last = torch.stack([h[0, -1] for h in record_streams(model, ids, plan).h_out])  # (steps, d)
+    leaving = [place("resid_post", i) for i in range(len(plan.steps))]
+    recorder = record(model, ids, plan, leaving)
+    last = torch.stack([recorder[name][0, -1] for name in leaving])  # (steps, d)
     probs = torch.softmax(head_logits(model, last).double(), dim=-1)
     top = probs.topk(top_k, dim=-1)
     return [LensRow(step=name, tokens=[tokenizer.decode([i]) for i in row_ids], ids=row_ids, probs=row_probs)

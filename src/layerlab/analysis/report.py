@@ -14,6 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..evaluate.table import NOTE, summary_table, task_table
 from ..io import TEXT_MARKER, update_file
 from ..metrics.similarity import Similarity
 from ..plan import Plan
@@ -79,12 +80,12 @@ def render(data: dict, images: dict[str, str]) -> str:
         f"of the greedy plan <code>{_e(data['greedy_plan'])}</code> (removed in this order: "
         f"{_e(', '.join(data['removed']))}) and the best one-shot plan "
         f"<code>{_e(data['best_one_shot']['plan'])}</code> ({_e(data['best_one_shot']['method'])})).</p>",
-        "<h2>Evaluation</h2>", _table(["plan", "steps", "ppl", "Δppl", "acc", "acc_norm", "decode tok/s",
-                                       "decode ×", "params MB", "file MiB", "size ×", "file ppl"],
-                                      [_eval_cells(r) + _file_cells(r) for r in rows]),
-        f"<p>Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; multiple choice on "
-        f"{_e(data['settings']['evaluation']['mc_data'])}. The file columns are measured on the shipped files "
-        "as loaded back from disk (bytes on disk, their ratio to the source's, perplexity).</p>",
+        "<h2>Evaluation</h2>", _table(*_split(summary_table({"rows": rows}), drop="sample")),
+        f"<p>{_e(NOTE)}. Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; tasks: "
+        f"{_e(_task_sources(data['evaluation']))}. The file columns are measured on the shipped files as loaded "
+        "back from disk (bytes on disk, their ratio to the source's, perplexity).</p>",
+        "<details><summary>Every task and metric</summary>", _table(*_split(task_table({"rows": rows}))),
+        "</details>",
         _shipped(data.get("shipped", [])),
         "<h2>Sample generations</h2>", *(_samples(r) for r in rows),
         "<h2>Plots</h2>", *(f'<figure><img src="{uri}" alt="{_e(c)}"><figcaption>{_e(c)}</figcaption></figure>'
@@ -101,20 +102,15 @@ def render(data: dict, images: dict[str, str]) -> str:
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
-def _eval_cells(row: dict) -> list:
-    speed, delta = row.get("speed"), row.get("delta", {})
-    return [row["plan"], row.get("steps", "-"), f"{row['ppl']['perplexity']:.2f}",
-            f"{delta['ppl_pct']:+.1f}%" if "ppl_pct" in delta else "-", f"{row['mc']['acc']:.3f}",
-            f"{row['mc']['acc_norm']:.3f}", f"{speed['decode_tokens_per_s']:.1f}" if speed else "-",
-            f"{delta['decode_speedup']:.2f}" if "decode_speedup" in delta else "-",
-            f"{speed['parameter_bytes'] / 2**20:.0f}" if speed else "-"]
+def _split(table: list[list[str]], drop: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a plain-text table, without the column `drop`."""
+    keep = [i for i, header in enumerate(table[0]) if header != drop]
+    return [table[0][i] for i in keep], [[row[i] for i in keep] for row in table[1:]]
 
 
-def _file_cells(row: dict) -> list:
-    file = row.get("file", {})
-    return [f"{file['bytes'] / 2**20:.1f}" if file.get("bytes") else "-",
-            f"{file['ratio']:.3f}" if file.get("ratio") else "-",
-            f"{file['perplexity']:.2f}" if file.get("perplexity") else "-"]
+def _task_sources(evaluation: dict) -> str:
+    sources = [f"{name} ({key['rows']} rows, {key['data']})" for name, key in evaluation.get("data", {}).items()]
+    return "; ".join(sources) or "none"
 
 
 def _shipped(shipped: list[dict]) -> str:

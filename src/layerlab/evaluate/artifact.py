@@ -18,6 +18,7 @@ import math
 import statistics
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,6 +113,27 @@ def llama_cpp_perplexity(path: str | Path, text: str, ctx: int, chunks: int | No
     return math.exp(nll / scored), scored, count
 
 
+PERPLEXITY_CHILD = r"""
+import json, sys
+from layerlab.evaluate.artifact import llama_cpp_perplexity
+path, ctx, chunks, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, int(sys.argv[4]) or None
+print(json.dumps(llama_cpp_perplexity(path, sys.stdin.read(), ctx, chunks, threads)))
+"""
+
+
+def llama_cpp_perplexity_isolated(path: Path, settings: ArtifactSettings) -> tuple[float, int, int]:
+    """`llama_cpp_perplexity` in a child process: a crash inside llama.cpp (some llama-cpp-python builds
+    segfault on some CPUs) becomes an error here instead of killing the job."""
+    done = subprocess.run([sys.executable, "-c", PERPLEXITY_CHILD, str(path), str(settings.ctx),
+                           str(settings.windows or 0), str(settings.threads or 0)],
+                          input=read_text(settings.text), capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise LayerlabError(f"llama.cpp could not run {path}: {reason}")
+    ppl, tokens, chunks = json.loads(done.stdout.strip().splitlines()[-1])
+    return ppl, tokens, chunks
+
+
 DECODE_CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -164,14 +186,18 @@ def measure_files(files: dict[str, Path], settings: ArtifactSettings | None = No
                    "perplexity": file_perplexity(path, settings, tokenizer)} for name, path in files.items()}
     ggufs = {name: Path(path) for name, path in files.items() if is_gguf(Path(path))}
     if settings.llama_cpp and len(ggufs) == len(files) and llama_cpp_available():  # side by side, or not at all
-        text = read_text(settings.text)
-        for name, path in ggufs.items():
-            ppl, tokens, chunks = llama_cpp_perplexity(path, text, settings.ctx, settings.windows, settings.threads)
-            rows[name]["llama_cpp"] = {"perplexity": ppl, "tokens": tokens, "chunks": chunks}
-        if settings.speed_rounds:
-            for name, speed in llama_cpp_decode(ggufs, settings.speed_rounds, settings.decode_tokens,
-                                                settings.threads).items():
-                rows[name]["llama_cpp"] |= speed
+        try:
+            for name, path in ggufs.items():
+                ppl, tokens, chunks = llama_cpp_perplexity_isolated(path, settings)
+                rows[name]["llama_cpp"] = {"perplexity": ppl, "tokens": tokens, "chunks": chunks}
+            if settings.speed_rounds:
+                for name, speed in llama_cpp_decode(ggufs, settings.speed_rounds, settings.decode_tokens,
+                                                    settings.threads).items():
+                    rows[name]["llama_cpp"] |= speed
+        except LayerlabError as exc:  # llama.cpp is an extra measurement: its failure is reported, not fatal
+            warnings.warn(f"llama.cpp measurements skipped: {exc}", stacklevel=2)
+            for name in ggufs:
+                rows[name]["llama_cpp"] = {"error": str(exc)}
     return rows
 
 
@@ -198,8 +224,8 @@ def measure_export(result, source: str, settings: ArtifactSettings | None = None
 def _ratios(source: dict, export: dict, size_ratio: float | None) -> dict:
     ppl = export["perplexity"]["perplexity"] / source["perplexity"]["perplexity"]
     ratios = {"bytes": size_ratio, "perplexity": ppl}
-    if "llama_cpp" in source and "llama_cpp" in export:
-        a, b = source["llama_cpp"], export["llama_cpp"]
+    a, b = source.get("llama_cpp", {}), export.get("llama_cpp", {})
+    if "perplexity" in a and "perplexity" in b:  # measured (not skipped after a llama.cpp failure)
         ratios["llama_cpp_perplexity"] = b["perplexity"] / a["perplexity"]
         if "decode_samples" in a:  # paired by round: both ran back to back
             paired = [y / x for x, y in zip(a["decode_samples"], b["decode_samples"], strict=True)]

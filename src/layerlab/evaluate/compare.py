@@ -1,57 +1,189 @@
-"""Several plans side by side: perplexity, multiple choice, samples, speed; a baseline row and deltas."""
+"""Several plans side by side on several tasks, in one model load: values, intervals, paired deltas, an average.
+
+`evaluate_plans` runs every task of `EvalSettings.tasks` for every plan (the first plan is the
+baseline) and returns plain data: per plan, perplexity with its interval, each zero-shot task's
+metrics with intervals (`evaluate/tasks.py`, `evaluate/stats.py`), the average of the tasks' headline
+metrics with its interval, sample continuations and speed-ups with their spread over rounds; every
+row after the first also carries its differences against the baseline, paired on the same items or
+windows, each with an interval and a `significant` flag (`add_deltas`).
+
+Resuming: with `store=FOLDER`, each (plan, task) result is saved as soon as it is measured, under a key
+recording what produced it (model fingerprint, plan text, task, rows and data file, settings that decide
+the numbers). A later run reuses results whose key matches, and recomputes -- saying which setting
+changed -- those whose key does not. Speed is always measured afresh: timings from another session
+are not comparable side by side.
+"""
 
 from __future__ import annotations
 
-from ..corpora import read_choices, read_text
-from ..errors import SettingsError
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..corpora import read_text
+from ..io import own_folder, record_name, update_file
 from ..plan import Plan
 from ..runtime import apply_plan
-from ..settings import EVAL_TASKS as TASKS
-from ..settings import EvalSettings
-from .multiple_choice import multiple_choice
+from ..settings import MEASURES, EvalSettings, as_dict
+from . import stats
 from .perplexity import perplexity
 from .samples import generate
-from .speed import measure_plans
+from .speed import Rounds, measure_plans
+from .tasks import TaskData, TaskResult, paired, run_task, summarize
 
 
-def evaluate_plans(model, tokenizer, plans: list[Plan], tasks: tuple[str, ...], settings: EvalSettings) -> dict:
-    """Run `tasks` for every plan (the first is the baseline) and return the results as plain data."""
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        raise SettingsError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
+def model_fingerprint(model, tokenizer) -> str:
+    """A short hash of the architecture, the weights (a sample of every tensor) and the tokenizer."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+            digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode() + sample.tobytes())
+    probe = tokenizer("layerlab fingerprint: The quick brown fox jumps over the lazy dog.")["input_ids"]
+    digest.update(f"{type(tokenizer).__name__}{len(tokenizer)}{list(probe)}".encode())
+    return digest.hexdigest()[:16]
+
+
+class ResultStore:
+    """One JSON file per (plan, task) in a folder, holding the result and the key that produced it."""
+
+    def __init__(self, folder: str | Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.reused: list[str] = []
+        self.recomputed: list[str] = []
+
+    def _path(self, key: dict) -> Path:
+        name = hashlib.sha256(f"{key['plan']}\n{key['task']}".encode()).hexdigest()[:12]
+        return self.folder / f"{key['task']}-{name}.json"
+
+    def get(self, key: dict):
+        """The stored value for `key`, or None (noting why a stored one for the same plan and task was not used)."""
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        stored = json.loads(self._path(key).read_text())
+        if stored["key"] == key:
+            self.reused.append(f"{key['task']} of {key['plan']}")
+            return stored["value"]
+        changed = [f"{k} {stored['key'].get(k)!r} -> {v!r}" for k, v in key.items() if stored["key"].get(k) != v]
+        self.recomputed.append(f"{key['task']} of {key['plan']} ({'; '.join(changed)})")
+        return None
+
+    def put(self, key: dict, value) -> None:
+        if self.folder is None:
+            return
+        if not self.folder.is_dir():  # layerlab's own folder, listed in its parent's manifest (a prune run's)
+            own_folder(self.folder, "eval-results")
+            record_name(self.folder)
+        update_file(self._path(key), json.dumps({"producer": "layerlab", "key": key, "value": value}))
+
+
+def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, store: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """Run `settings.tasks` for every plan (the first is the baseline) and return the results as plain data."""
+    data = settings.check()
+    results = ResultStore(store)
+    fingerprint = model_fingerprint(model, tokenizer)
+    text = read_text(settings.ppl_text) if "ppl" in settings.tasks else None
+    work = {task: _task_key(task, settings, data, text) for task in settings.tasks if task != "speed"}
     rows = [{"plan": plan.to_text(), "steps": len(plan.steps)} for plan in plans]
-    text = read_text(settings.ppl_text) if "ppl" in tasks else None
-    items = read_choices(settings.mc_data, settings.mc_items) if "mc" in tasks else None
-    for row, plan in zip(rows, plans, strict=True):
-        with apply_plan(model, plan):
-            if text is not None:
-                row["ppl"] = perplexity(model, tokenizer, text, ctx=settings.ctx, stride=settings.stride,
-                                        batch_size=settings.batch_size, max_windows=settings.ppl_windows).to_dict()
-            if items is not None:
-                row["mc"] = multiple_choice(model, tokenizer, items).to_dict()
-        if "samples" in tasks:  # generate() applies the plan itself
-            row["samples"] = [{"prompt": p, "text": generate(model, tokenizer, p, plan, settings.max_new_tokens).text}
-                              for p in settings.prompts]
-    if "speed" in tasks:
+    with tqdm(total=len(plans) * len(work), desc="evaluate", unit="task", disable=not progress) as bar:
+        for row, plan in zip(rows, plans, strict=True):
+            for task, task_key in work.items():
+                bar.set_postfix_str(f"{row['plan'][:30]}: {task}")
+                key = {"model": fingerprint, "plan": row["plan"], "task": task, **task_key}
+                value = results.get(key)
+                if value is None:
+                    value = _measure(model, tokenizer, plan, task, settings, data, text, progress)
+                    results.put(key, value)
+                if task in MEASURES:
+                    row[task] = value
+                else:
+                    row.setdefault("tasks", {})[task] = value
+                bar.update()
+    for row in rows:  # intervals come from the per-item (per-window) results, so a store never holds stale ones
+        if "ppl" in row:
+            estimate = stats.perplexity(row["ppl"]["per_window"]["nll"], row["ppl"]["per_window"]["tokens"],
+                                        settings.confidence)
+            row["ppl"]["interval"] = [estimate.low, estimate.high]
+        for task, value in row.get("tasks", {}).items():
+            row["tasks"][task] = summarize(TaskResult.from_dict(value), settings.confidence)
+        if settings.zero_shot:
+            row["average"] = _average(row, settings)
+    if "speed" in settings.tasks:
         speeds = measure_plans(model, tokenizer, plans, read_text("wikitext2-test")[:20000],
-                               settings.speed_prompt_tokens, settings.speed_decode_tokens, settings.speed_rounds)
+                               settings.speed_prompt_tokens, settings.speed_decode_tokens,
+                               Rounds(settings.speed_rounds, settings.speed_max_rounds, settings.speed_max_spread))
         for row, speed in zip(rows, speeds, strict=True):
             row["speed"] = speed.to_dict()
-    add_deltas(rows)
-    return {"settings": settings.__dict__ | {"prompts": list(settings.prompts)}, "tasks": list(tasks), "rows": rows}
+    add_deltas(rows, settings.confidence, settings.seed)
+    if progress and (results.reused or results.recomputed):
+        tqdm.write(f"resumed: {len(results.reused)} results reused from {store}"
+                   + "".join(f"\nrecomputed {line}" for line in results.recomputed))
+    return {"settings": as_dict(settings), "tasks": list(settings.tasks), "fingerprint": fingerprint,
+            "data": {name: d.key() for name, d in data.items()}, "rows": rows,
+            "resumed": {"reused": results.reused, "recomputed": results.recomputed}}
 
 
-def add_deltas(rows: list[dict]) -> None:
-    """Differences against the first row (the baseline)."""
+def _task_key(task: str, settings: EvalSettings, data: dict[str, TaskData], text: str | None) -> dict:
+    """The settings that decide `task`'s numbers, for the result store."""
+    if task in data:
+        return data[task].key()
+    if task == "ppl":
+        return {"text": settings.ppl_text, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "ctx": settings.ctx, "stride": settings.stride, "windows": settings.ppl_windows}
+    return {"prompts": list(settings.prompts), "max_new_tokens": settings.max_new_tokens}  # samples
+
+
+def _measure(model, tokenizer, plan: Plan, task: str, settings: EvalSettings, data: dict[str, TaskData],
+             text: str | None, progress: bool = True):
+    """One task under one plan, as plain data (per-item results for zero-shot tasks)."""
+    if task == "samples":  # generate() applies the plan itself
+        return [{"prompt": p, "text": generate(model, tokenizer, p, plan, settings.max_new_tokens).text}
+                for p in settings.prompts]
+    with apply_plan(model, plan):
+        if task == "ppl":
+            return perplexity(model, tokenizer, text, ctx=settings.ctx, stride=settings.stride,
+                              batch_size=settings.batch_size, max_windows=settings.ppl_windows,
+                              progress=progress).to_dict()
+        return run_task(model, tokenizer, data[task], settings.task_batch_size, progress=progress).to_dict()
+
+
+def _average(row: dict, settings: EvalSettings) -> dict:
+    """The mean of the tasks' headline metrics, with its stratified bootstrap interval."""
+    tasks = [row["tasks"][t] for t in settings.zero_shot]
+    estimate = stats.average([t["per_item"][t["metric"]] for t in tasks], settings.confidence, seed=settings.seed)
+    chance = sum(t["chance"] for t in tasks) / len(tasks)
+    return estimate.to_dict() | {"tasks": list(settings.zero_shot), "chance": chance}
+
+
+def add_deltas(rows: list[dict], confidence: float = stats.CONFIDENCE, seed: int = 0) -> None:
+    """Differences of every row after the first against the first (the baseline), paired on the same items."""
     base = rows[0]
-    for row in rows:
-        delta = {}
-        if "ppl" in row:
-            delta["ppl_pct"] = 100 * (row["ppl"]["perplexity"] / base["ppl"]["perplexity"] - 1)
-        if "mc" in row:
-            delta["acc"] = row["mc"]["acc"] - base["mc"]["acc"]
-            delta["acc_norm"] = row["mc"]["acc_norm"] - base["mc"]["acc_norm"]
-        if "speed" in row:
-            delta["decode_speedup"] = row["speed"]["decode_tokens_per_s"] / base["speed"]["decode_tokens_per_s"]
-            delta["prefill_speedup"] = row["speed"]["prefill_tokens_per_s"] / base["speed"]["prefill_tokens_per_s"]
-        row["delta"] = delta
+    for row in rows[1:]:
+        if "ppl" in row and "ppl" in base:
+            row["ppl"]["delta"] = stats.paired_perplexity(
+                base["ppl"]["per_window"]["nll"], row["ppl"]["per_window"]["nll"],
+                base["ppl"]["per_window"]["tokens"], confidence).to_dict()
+        for task, value in row.get("tasks", {}).items():
+            if task in base.get("tasks", {}):
+                value["delta"] = paired(base["tasks"][task], value, confidence)
+        if "average" in row and "average" in base:
+            names = row["average"]["tasks"]
+            diff = stats.paired_average([_headline(base["tasks"][t]) for t in names],
+                                        [_headline(row["tasks"][t]) for t in names], confidence, seed=seed)
+            row["average"]["delta"] = diff.to_dict() | {"margin_kept": _margin_kept(base["average"], row["average"])}
+
+
+def _headline(task: dict) -> list[float]:
+    return task["per_item"][task["metric"]]
+
+
+def _margin_kept(base: dict, row: dict) -> float | None:
+    """Share of the baseline's above-chance margin the row keeps (small models sit near chance on some tasks)."""
+    margin = base["value"] - base["chance"]
+    return (row["value"] - row["chance"]) / margin if margin > 0 else None

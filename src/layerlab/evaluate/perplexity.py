@@ -17,13 +17,14 @@ starts like a document. Sliding windows keep the text's own tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError, SettingsError
+from . import stats
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,17 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per scored token, in nats
     tokens: int  # scored tokens
     windows: int
+    window_nll: tuple[float, ...] = field(default=(), repr=False)  # summed NLL of each window
+    window_tokens: tuple[int, ...] = field(default=(), repr=False)  # scored tokens of each window
+
+    def interval(self, confidence: float = stats.CONFIDENCE) -> stats.Estimate:
+        """Perplexity with its interval over windows (`evaluate/stats.py`)."""
+        return stats.perplexity(self.window_nll, self.window_tokens, confidence)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["per_window"] = {"nll": list(data.pop("window_nll")), "tokens": list(data.pop("window_tokens"))}
+        return data
 
 
 @dataclass(frozen=True)
@@ -100,22 +109,36 @@ def window_nll(model, windows: list[Window], embeds: torch.Tensor | None = None)
     `embeds`, when given, replaces the token embeddings as the stream entering the first layer
     (the plan search starts candidates from a recorded stream this way).
     """
+    nll, counts = per_window_nll(model, windows, embeds)
+    return float(nll.sum()), int(counts.sum())
+
+
+@torch.inference_mode()
+def per_window_nll(model, windows: list[Window],
+                   embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's summed NLL (float64) and scored-token count, windows of equal length in one forward pass."""
     first = min(w.score_from for w in windows)
     length = len(windows[0].ids)
     ids = None if embeds is not None else torch.tensor([w.ids for w in windows], device=model.device)
     logits = model(input_ids=ids, inputs_embeds=embeds, use_cache=False, logits_to_keep=length - first + 1).logits
-    return logits_nll(logits[:, :-1], windows, first)
+    return logits_nll_per_window(logits[:, :-1], windows, first)
 
 
 def logits_nll(logits: torch.Tensor, windows: list[Window], first: int) -> tuple[float, int]:
     """Summed NLL and token count, from logits at positions `first - 1 .. length - 2` of each window."""
+    nll, counts = logits_nll_per_window(logits, windows, first)
+    return float(nll.sum()), int(counts.sum())
+
+
+def logits_nll_per_window(logits: torch.Tensor, windows: list[Window], first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logits_nll` window by window: summed NLL (float64) and scored-token count of each."""
     ids = torch.tensor([w.ids for w in windows], device=logits.device)
     targets = ids[:, first:]
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     keep = torch.arange(first, ids.shape[1], device=ids.device)[None, :] >= torch.tensor(
         [w.score_from for w in windows], device=ids.device
     )[:, None]
-    return float(nll[keep].double().sum()), int(keep.sum())
+    return (nll.double() * keep).sum(dim=1).cpu(), keep.sum(dim=1).cpu()
 
 
 def perplexity(
@@ -135,12 +158,15 @@ def perplexity(
     if not windows:
         raise DataError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}; use a longer text "
                         "or a smaller --ctx")
-    total, count = 0.0, 0
+    nll: list[float] = []
+    counts: list[int] = []
     batches = _batches(windows, batch_size)
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
-        nll, n = window_nll(model, batch)
-        total, count = total + nll, count + n
-    return PerplexityResult(math.exp(total / count), total / count, count, len(windows))
+        batch_nll, batch_counts = per_window_nll(model, batch)
+        nll += batch_nll.tolist()
+        counts += batch_counts.tolist()
+    total, count = math.fsum(nll), sum(counts)
+    return PerplexityResult(math.exp(total / count), total / count, count, len(windows), tuple(nll), tuple(counts))
 
 
 def _batches(windows: list[Window], size: int) -> list[list[Window]]:

@@ -27,8 +27,9 @@ def card_text(source: str, plan: Plan, result, measured: dict | None = None) -> 
     dropped = sorted(set(range(plan.num_layers)) - set(plan.layers))
     load = {
         "hf": "`AutoModelForCausalLM.from_pretrained(DIR)`"
-        + ("" if plan.whole_layers else " with `trust_remote_code=True` (if written with `--remote-code`), "
-           "or `layerlab.load(DIR)`"),
+        + ("" if plan.whole_layers and not plan.kv else " with `trust_remote_code=True` (if written with "
+           "`--remote-code`), or `layerlab.load(DIR)`")
+        + (" (plain loading ignores `kv_sources` and runs every layer on its own keys and values)" if plan.kv else ""),
         "gguf": "llama.cpp (`llama-cli -m FILE`), llama-cpp-python, transformers (`gguf_file=`), "
                 "or `layerlab.load(FILE)`",
     }[result.format]
@@ -64,8 +65,10 @@ def _measured_rows(measured: dict | None) -> list[tuple[str, str, str]]:
     src, out, settings = measured["source"], measured["export"], measured["settings"]
     rows = [(f"perplexity, {settings['text']} ({settings['windows']} windows of {settings['ctx']}), layerlab",
              f"{src['perplexity']['perplexity']:.3f}", f"{out['perplexity']['perplexity']:.3f}")]
-    if src.get("llama_cpp") and out.get("llama_cpp"):
-        a, b = src["llama_cpp"], out["llama_cpp"]
+    a, b = src.get("llama_cpp", {}), out.get("llama_cpp", {})
+    if "error" in a or "error" in b:
+        rows.append(("llama.cpp", "not measured", (a.get("error") or b.get("error"))[:200]))
+    elif "perplexity" in a and "perplexity" in b:
         rows.append(("perplexity, llama.cpp (second half of each window scored)",
                      f"{a['perplexity']:.3f}", f"{b['perplexity']:.3f}"))
         speedup = measured["ratios"].get("llama_cpp_decode")

@@ -83,7 +83,10 @@ class GgufSource:
         return planned
 
     def check(self, plan: Plan) -> None:
-        """Refuse plans a GGUF cannot take: sublayer drops, the wrong layer count."""
+        """Refuse plans a GGUF cannot take: KV sharing, sublayer drops, the wrong layer count."""
+        if plan.kv:
+            raise PlanError("a GGUF export cannot carry KV sharing (kv:): llama.cpp has no way to make a layer read "
+                            "another layer's keys and values; export --format hf (with --remote-code) instead")
         if not plan.whole_layers:
             raise PlanError("a GGUF export takes whole layers only; llama.cpp has no per-layer sublayer drops "
                             "(use --format hf)")

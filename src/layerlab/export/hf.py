@@ -6,6 +6,8 @@ config's `num_hidden_layers` and per-layer lists follow the plan, so the folder 
 LLM-Drop's `drop_attn_list` / `drop_mlp_list` in the config and their weights are left out:
 `layerlab.load(DIR)` honours the lists, and with `remote_code=True` a small self-contained modeling
 file plus `auto_map` lets `from_pretrained(DIR, trust_remote_code=True)` do the same without layerlab.
+A KV-sharing plan's map travels the same way, as `kv_sources` ({consumer: source}, in the export's own
+layer numbering); plain `from_pretrained(DIR)` ignores it and runs every layer on its own keys and values.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def planned_config(model, plan: Plan):
     if not plan.whole_layers:
         text.drop_attn_list = [j for j, s in enumerate(plan.steps) if not s.attention]
         text.drop_mlp_list = [j for j, s in enumerate(plan.steps) if not s.mlp]
+    if plan.kv:
+        text.kv_sources = {str(j): source for j, source in enumerate(plan.kv_source_steps) if source is not None}
     return config
 
 
@@ -60,7 +64,8 @@ def _planned_state(model, plan: Plan) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def materialize(model, plan: Plan):
     """A new model in eval mode whose decoder layers are copies of the plan's layers, in order."""
-    from ..runtime import drop_sublayers
+    from ..plan import parse_kv_sources
+    from ..runtime import drop_sublayers, share_kv
 
     config = planned_config(model, plan)
     new = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
@@ -68,7 +73,10 @@ def materialize(model, plan: Plan):
     if not plan.whole_layers:
         drop_sublayers(new, text.drop_attn_list, text.drop_mlp_list)
     new.load_state_dict(_planned_state(model, plan), strict=True)
-    return new.to(model.device).eval()
+    new = new.to(model.device).eval()
+    if plan.kv:
+        share_kv(new, parse_kv_sources(text.kv_sources))
+    return new
 
 
 def export_hf(model, tokenizer, plan: Plan, out: str | Path, force: bool = False, remote_code: bool = False,
@@ -90,7 +98,7 @@ def save_folder(model, tokenizer, out: str | Path, force: bool = False, remote_c
     with staged_folder(out, force) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if remote_code and (getattr(text, "drop_attn_list", None) or getattr(text, "drop_mlp_list", None)):
+        if remote_code and any(getattr(text, name, None) for name in ("drop_attn_list", "drop_mlp_list", "kv_sources")):
             _write_remote_code(staging, model)
         if extra is not None:
             extra(staging)
@@ -107,7 +115,7 @@ def _write_remote_code(folder: Path, model) -> None:
             .replace("BASE_CLASS", base)
             .replace("ARCH_ROW", repr({"layers": arch.layers, "attention": arch.attention,
                                        "attention_norms": arch.attention_norms, "mlp": arch.mlp,
-                                       "mlp_norms": arch.mlp_norms})))
+                                       "mlp_norms": arch.mlp_norms, "kv_projections": arch.kv_projections})))
     (folder / REMOTE_CODE_FILE).write_text(code)
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.LayerlabDrop{base}"}

@@ -1,8 +1,8 @@
 """Importance of every step and sublayer from ONE forward pass over calibration text.
 
-Forward hooks record, for every executed step of the plan (the identity plan by default), the
-residual stream entering the step `h_in`, between its attention and MLP halves `h_mid` (the input
-of the MLP branch's first norm), and leaving it `h_out`. From these:
+The residual stream (`streams.py`) of every executed step of the plan (the identity plan by default)
+is read entering the step `h_in` (`resid_pre`), between its attention and MLP halves `h_mid`
+(`resid_mid`) and leaving it `h_out` (`resid_post`), and reduced window by window to sums of cosines:
 
 - Block Influence (ShortGPT, Men et al. 2024, "ShortGPT: Layers in Large Language Models are More
   Redundant Than You Expect", eq. 1): BI_i = 1 - E_t[cos(h_in_t, h_out_t)] over tokens t.
@@ -24,13 +24,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..arch import arch_of, decoder_layers
 from ..errors import SettingsError
 from ..evaluate.perplexity import calibration_windows
 from ..plan import Plan
-from ..runtime import apply_plan
+from ..streams import STREAMS, Recorder, place, record, stream_pass
 
 
 @dataclass
@@ -60,51 +58,6 @@ def _pairwise_cosine(states: torch.Tensor) -> torch.Tensor:
     return torch.einsum("itd,jtd->ijt", unit, unit).clamp(-1, 1)
 
 
-class _Recorder:
-    """Forward hooks that keep each step's residual stream at its three points."""
-
-    def __init__(self, model) -> None:
-        arch = arch_of(model)
-        self.steps = list(decoder_layers(model))
-        self.h_in: list[torch.Tensor | None] = [None] * len(self.steps)
-        self.h_mid: list[torch.Tensor | None] = [None] * len(self.steps)
-        self.h_out: list[torch.Tensor | None] = [None] * len(self.steps)
-        self.current = 0  # the step now running: repeated steps share their norm modules
-        self.handles = []
-        norms = {}
-        for i, step in enumerate(self.steps):
-            self.handles.append(step.register_forward_pre_hook(self._keep_input(i), with_kwargs=True))
-            self.handles.append(step.register_forward_hook(self._keep_output(i)))
-            norm = step._modules.get(arch.mlp_norms[0])
-            if norm is not None and not isinstance(norm, torch.nn.Identity):
-                norms[id(norm)] = norm
-        for norm in norms.values():
-            self.handles.append(norm.register_forward_pre_hook(self._keep_mid, with_kwargs=True))
-
-    def _keep_input(self, index: int):
-        def hook(module, args, kwargs):
-            self.current = index
-            self.h_in[index] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return hook
-
-    def _keep_mid(self, module, args, kwargs) -> None:
-        self.h_mid[self.current] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    def _keep_output(self, index: int):
-        def hook(module, args, output):
-            self.h_out[index] = (output[0] if isinstance(output, tuple) else output).detach()
-        return hook
-
-    def streams(self) -> torch.Tensor:
-        """The first sequence's residual streams x^0 .. x^L, (steps + 1, T, d): each step's input, then the
-        last step's output."""
-        return torch.stack([h[0] for h in self.h_in] + [self.h_out[-1][0]])
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int = 512, windows: int = 8,
                tokens: str = "all", progress: bool = True) -> Similarity:
@@ -118,29 +71,26 @@ def similarity(model, tokenizer, text: str, plan: Plan | None = None, ctx: int =
     zeros = partial(torch.zeros, dtype=torch.float64, device=model.device)
     sums = {"bi": zeros(steps), "attn": zeros(steps), "mlp": zeros(steps), "angular": zeros(steps + 1, steps + 1)}
     count = 0
-    with apply_plan(model, plan):
-        recorder = _Recorder(model)
-        try:
-            for chunk in tqdm(chunks, desc="similarity", unit="window", disable=not progress, leave=False):
-                model(torch.tensor([chunk.ids], device=model.device), use_cache=False)
-                count += _accumulate(sums, recorder, plan, tokens)
-        finally:
-            recorder.remove()
+
+    def accumulate(recorder: Recorder) -> None:
+        nonlocal count
+        count += _accumulate(sums, recorder, plan, tokens)
+
+    places = [place(kind, i) for kind in ("resid_pre", "resid_mid", "resid_post") for i in range(steps)]
+    stream_pass(model, [torch.tensor([c.ids]) for c in chunks], plan, places, accumulate, progress, "similarity")
     return _finish(sums, count, plan, count_last=len(chunks) if tokens == "last" else None)
 
 
-def _accumulate(sums: dict, recorder: _Recorder, plan: Plan, tokens: str) -> int:
+def _accumulate(sums: dict, recorder: Recorder, plan: Plan, tokens: str) -> int:
     """Add one window's per-token cosines; return how many tokens it contributed."""
-    h_in = [h[0] for h in recorder.h_in]
-    h_out = [h[0] for h in recorder.h_out]
     states = recorder.streams()
     for i, step in enumerate(plan.steps):
-        sums["bi"][i] += _cosine(h_in[i], h_out[i]).sum()
-        mid = recorder.h_mid[i][0] if step.mlp and step.attention else (h_out[i] if step.attention else h_in[i])
+        h_in, mid, h_out = (recorder[place(kind, i)][0] for kind in ("resid_pre", "resid_mid", "resid_post"))
+        sums["bi"][i] += _cosine(h_in, h_out).sum()
         if step.attention:
-            sums["attn"][i] += _cosine(h_in[i], mid).sum()
+            sums["attn"][i] += _cosine(h_in, mid).sum()
         if step.mlp:
-            sums["mlp"][i] += _cosine(mid, h_out[i]).sum()
+            sums["mlp"][i] += _cosine(mid, h_out).sum()
     cos = _pairwise_cosine(states[:, -1:] if tokens == "last" else states)
     sums["angular"] += torch.arccos(cos).sum(-1) / math.pi
     return states.shape[1]
@@ -171,16 +121,54 @@ def hidden_cosine(model, tokenizer, text: str, plan: Plan | None = None) -> torc
     distance (their fig. 1), on every token of `text` in one sequence.
     """
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
-    return _pairwise_cosine(record_streams(model, ids, plan).streams()).mean(-1).cpu()
+    return _pairwise_cosine(record(model, ids, plan, STREAMS).streams()).mean(-1).cpu()
 
 
 @torch.inference_mode()
-def record_streams(model, ids: torch.Tensor, plan: Plan | None = None) -> _Recorder:
-    """One forward pass of `ids` under `plan` (identity by default); the recorder holds each step's streams."""
-    with apply_plan(model, plan or Plan.identity(len(decoder_layers(model)))):
-        recorder = _Recorder(model)
-        try:
-            model(ids, use_cache=False)
-        finally:
-            recorder.remove()
-    return recorder
+def similarity_streamed(source, tokenizer, text: str, plan: Plan | None = None, ctx: int = 512, windows: int = 8,
+                        tokens: str = "all", dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        progress: bool = True) -> Similarity:
+    """The metrics of `similarity`, from a model read one decoder layer at a time (`layerwise.py`).
+
+    `source` is a model source (a .gguf file, an embedded name, a safetensors folder) or an open
+    `LayerSource`. Memory holds one decoder layer and the windows' streams; the streams entering earlier
+    steps, which the angular distance pairs with every later one, wait in a temporary file.
+    """
+    from ..layerwise import LayerSource, StreamArchive, stream_steps
+
+    if tokens not in ("all", "last"):
+        raise SettingsError("tokens must be 'all' or 'last'")
+    layers = source if isinstance(source, LayerSource) else LayerSource.open(source)
+    plan = plan or Plan.identity(layers.num_layers)
+    chunks = calibration_windows(tokenizer, text, ctx, windows)
+    steps = len(plan.steps)
+    zeros = partial(torch.zeros, dtype=torch.float64)
+    sums = {"bi": zeros(steps), "attn": zeros(steps), "mlp": zeros(steps), "angular": zeros(steps + 1, steps + 1)}
+    count = 0
+    with StreamArchive() as past:
+        for s in stream_steps(layers, [c.ids for c in chunks], plan, dtype, device, progress):
+            for h_in, mid, h_out in zip(s.before, s.middle, s.after, strict=True):
+                h_in, mid, h_out = h_in[0], mid[0], h_out[0]
+                sums["bi"][s.index] += _cosine(h_in, h_out).sum().cpu()
+                if s.step.attention:
+                    sums["attn"][s.index] += _cosine(h_in, mid).sum().cpu()
+                if s.step.mlp:
+                    sums["mlp"][s.index] += _cosine(mid, h_out).sum().cpu()
+                count += h_in.shape[0] if s.index == 0 else 0
+            _angular_to_earlier(sums["angular"], past, s.index, s.before, tokens)
+            if s.index == steps - 1:
+                _angular_to_earlier(sums["angular"], past, steps, s.after, tokens)
+    return _finish(sums, count, plan, count_last=len(chunks) if tokens == "last" else None)
+
+
+def _angular_to_earlier(angular: torch.Tensor, past, index: int, streams: list[torch.Tensor], tokens: str) -> None:
+    """Add the angular distances between stream x^index of every window and each earlier x^j; park x^index."""
+    for window, stream in enumerate(streams):
+        stream = stream[0, -1:] if tokens == "last" else stream[0]
+        unit = F.normalize(stream.double(), dim=-1)
+        for j in range(index):
+            cos = (F.normalize(past.get((j, window)).to(unit.device).double(), dim=-1) * unit).sum(-1).clamp(-1, 1)
+            distance = float(torch.arccos(cos).sum() / math.pi)
+            angular[j, index] += distance
+            angular[index, j] += distance
+        past.add((index, window), stream)
