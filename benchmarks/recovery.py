@@ -100,7 +100,7 @@ def find_plan(model, tokenizer, source: str, remove: int, scratch: Path) -> tupl
     """The plan `layerlab prune` chooses for `remove` layers (its evaluation cut to almost nothing)."""
     from layerlab.prune import prune
 
-    quick = EvalSettings(ppl_windows=1, mc_items=1, max_new_tokens=1, speed_rounds=1, speed_prompt_tokens=8,
+    quick = EvalSettings(tasks=("ppl",), ppl_windows=1, max_new_tokens=1, speed_rounds=1, speed_prompt_tokens=8,
                          speed_decode_tokens=1)
     settings = PruneSettings(layers=remove, evaluation=quick, recovery=RecoverSettings(method="none"), export=False)
     data = prune(model, tokenizer, source, scratch / f"prune-{source}-{remove}", settings, resume=True, progress=False)
