@@ -20,7 +20,8 @@ from layerlab.recover import recover
 from layerlab.settings import HealSettings, RecoverSettings
 
 SETTINGS = PruneSettings(layers=2, calib_ctx=64, calib_windows=2,
-                         evaluation=replace(QUICK_EVAL, ppl_windows=2, rows=4, max_new_tokens=4, speed_rounds=1,
+                         evaluation=replace(QUICK_EVAL, tasks="ppl,hellaswag,samples,speed", ppl_windows=2, rows=4,
+                                            max_new_tokens=4, speed_rounds=1,
                                             speed_max_rounds=1, speed_prompt_tokens=16, speed_decode_tokens=4))
 
 

@@ -344,7 +344,8 @@ def test_the_main_job_ships_a_gguf_source_as_gguf_with_healed_tensors_requantize
     settings = PruneSettings(layers=2, calib_ctx=32, calib_windows=2,
                              recovery=RecoverSettings(method="lora", training=HealSettings(steps=2, ctx=32,
                                                                                            batch_size=2)),
-                             evaluation=replace(QUICK_EVAL, ctx=32, ppl_windows=2, rows=4, max_new_tokens=4,
+                             evaluation=replace(QUICK_EVAL, tasks="ppl,hellaswag,samples,speed", ctx=32, ppl_windows=2,
+                                                rows=4, max_new_tokens=4,
                                                 speed_rounds=1, speed_max_rounds=1, speed_prompt_tokens=16,
                                                 speed_decode_tokens=4))
     data = prune(model, tokenizer, str(q8), tmp_path / "out", settings, progress=False)

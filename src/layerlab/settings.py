@@ -1028,7 +1028,8 @@ class ExportSettings:
 
 
 DEFAULT_DROP = 0.2
-QUICK_EVAL = EvalSettings(rows=50, ppl_windows=8, max_new_tokens=24, speed_rounds=2, speed_max_rounds=5)
+QUICK_EVAL = EvalSettings(tasks=("ppl", "suite", "samples", "speed"), rows=25, ppl_windows=8, max_new_tokens=24,
+                          speed_rounds=2, speed_max_rounds=5)  # the main job: the zero-shot suite, 25 rows a task
 
 
 @dataclass(frozen=True)
