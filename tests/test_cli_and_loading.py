@@ -92,16 +92,17 @@ def test_eval_prints_a_table_with_deltas_and_writes_json(tmp_path):
 
     out = tmp_path / "results.json"
     args = ["eval", "--model", "smollm2-135m", "--plan", "skip:24-26", "--ctx", "128", "--ppl-windows", "2",
-            "--mc-items", "3", "--speed-rounds", "1", "-n", "4", "--out", str(out)]
+            "--tasks", "ppl,hellaswag,samples,speed", "--rows", "3", "--speed-rounds", "1", "--speed-max-rounds", "1",
+            "-n", "4", "--out", str(out)]
     result = run(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    for header in ("Δppl", "acc_norm", "decode tok/s", "sample"):
+    for header in ("Δppl", "acc_norm", "decode ×", "sample"):
         assert header in result.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["plan"] for r in rows] == ["all", "skip:24-26"]
-    assert rows[0]["delta"]["ppl_pct"] == 0 and rows[1]["ppl"]["windows"] == 2 and rows[1]["mc"]["items"] == 3
-    assert rows[1]["delta"]["ppl_pct"] == pytest.approx(
-        100 * (rows[1]["ppl"]["perplexity"] / rows[0]["ppl"]["perplexity"] - 1))
+    assert rows[1]["ppl"]["windows"] == 2 and rows[1]["tasks"]["hellaswag"]["n"] == 3
+    assert rows[1]["ppl"]["delta"]["value"] == pytest.approx(
+        100 * (rows[1]["ppl"]["perplexity"] / rows[0]["ppl"]["perplexity"] - 1), rel=1e-6)
     before = out.read_text()
     assert_one_line_error(run(*args), "already exists; choose another path or pass --force")
     assert out.read_text() == before
