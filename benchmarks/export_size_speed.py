@@ -26,34 +26,16 @@ from pathlib import Path
 from gguf import GGUFReader
 
 from layerlab import Plan
+from layerlab.evaluate.artifact import DECODE_CHILD
 from layerlab.evaluate.speed import Rounds, compare_speed
 from layerlab.export.gguf import prune_gguf
 from layerlab.models import EMBEDDED
 
-CHILD = r"""
-import json, sys, time
-import numpy as np
-import llama_cpp
-path, tokens = sys.argv[1], int(sys.argv[2])
-llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
-prompt = llm.tokenize(b"Once upon a time, in a small village by the sea,", add_bos=True)
-def last_logits():  # the context's logits of the last token (eval() keeps none without logits_all)
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-llm.eval(prompt)
-token = int(np.argmax(last_logits()))
-start = time.perf_counter()
-for _ in range(tokens):
-    llm.eval([token])
-    token = int(np.argmax(last_logits()))
-seconds = time.perf_counter() - start
-peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"tokens_per_s": tokens / seconds, "peak_mb": peak / 1024}))
-"""
-
 
 def measure(path: Path, tokens: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tokens)], check=True, capture_output=True,
-                         text=True)
+    """One llama.cpp decode run in a fresh process (`evaluate.artifact`'s child): tokens/s and peak RSS."""
+    out = subprocess.run([sys.executable, "-c", DECODE_CHILD, str(path), str(tokens), "2"], check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
