@@ -230,6 +230,7 @@ CASES = [
          "'llamacpp' extra", patches=WITHOUT_LLAMA_CPP),
     Case("prune-k-quant-without-the-extra", "prune -m smollm2-135m --quant Q6_K --out {tmp}/o",
          "pip install 'layerlab[llamacpp]'", patches=WITHOUT_LLAMA_CPP),
+    Case("export-gguf-without-its-suffix", "export -m smollm2-135m -p skip:1 --out {tmp}/smaller", "use "),
     Case("export-gguf-from-a-folder", "export -m {tiny} -p skip:1 -f gguf --out {tmp}/o.gguf", "not a .gguf file"),
     Case("prune-gguf-from-a-folder", "prune -m {tiny} -f gguf --out {tmp}/o", "not a .gguf file"),
     Case("export-sublayer-plan-into-gguf", "export -m smollm2-135m -p attn-skip:3 --out {tmp}/o.gguf",

@@ -126,7 +126,8 @@ def test_pruned_gguf_gives_the_plans_logits_and_leaves_the_source_alone(smollm2,
 def test_export_command_writes_a_model_card_and_the_plans_model(smollm2, tmp_path):
     out = tmp_path / "smol"
     result = subprocess.run([sys.executable, "-m", "layerlab.cli", "export", "-m", "smollm2-135m", "-p", "0-23,20x2",
-                             "-o", str(out), "--eval-windows", "1"], capture_output=True, text=True, timeout=600)
+                             "-f", "hf", "-o", str(out), "--eval-windows", "1"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     card = (out / "README.md").read_text()
     assert "plan: `0-23,20x2`" in card and "| decoder layers | 30 | 26 |" in card and "perplexity" in card

@@ -228,7 +228,7 @@ def _recover_row(model, tokenizer, plan: Plan, out: Path, settings: PruneSetting
 def _shipping_targets(source: str, plan: Plan, out: Path, settings: PruneSettings) -> dict:
     """Where the plain and healed models go, checked before any model work (format, quant, writer); the
     run folder is layerlab's, so its earlier files may be replaced."""
-    from .export import prepare_export
+    from .export import output_format, prepare_export
     from .settings import ExportSettings, ModelSpec
 
     def target(name: str, suffix: str = ""):
@@ -237,7 +237,7 @@ def _shipping_targets(source: str, plan: Plan, out: Path, settings: PruneSetting
         return prepare_export(shipping, plan, rewrites=name != "model")
 
     names = ["model"] + (["model-healed"] if settings.recovery.method != "none" else [])
-    suffix = ".gguf" if target(names[-1]).format == "gguf" else ""
+    suffix = ".gguf" if output_format(source, settings.export_format) == "gguf" else ""
     if suffix and settings.granularity != "layer":
         raise PlanError(f"a GGUF export takes whole layers only, and --granularity {settings.granularity} searches "
                         "sublayer plans; use --granularity layer, or --format hf")

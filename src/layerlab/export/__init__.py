@@ -80,6 +80,12 @@ class ExportResult:
                 "tensors": [t.to_dict() for t in self.tensors if t.action != "copied"]}
 
 
+def output_format(source: str, fmt: str | None) -> str:
+    """The format asked for, else the source's: GGUF for a .gguf source, a Hugging Face folder otherwise."""
+    resolved = resolve_source(source)
+    return fmt or ("gguf" if isinstance(resolved, Path) and resolved.suffix.lower() == ".gguf" else "hf")
+
+
 def prepare_export(settings: ExportSettings, plan: Plan, rewrites: bool = False,
                    inputs: Sequence[str | Path] = ()) -> ExportTarget:
     """Check the export before any model loads: format, quant, plan, output path (`settings.out`), and for
@@ -91,11 +97,15 @@ def prepare_export(settings: ExportSettings, plan: Plan, rewrites: bool = False,
     resolved = resolve_source(source)
     local = resolved if isinstance(resolved, Path) else None
     is_gguf = local is not None and local.suffix.lower() == ".gguf"
-    fmt = settings.format or ("gguf" if is_gguf else "hf")
+    fmt = output_format(source, settings.format)
     if fmt == "gguf" and not is_gguf:
         raise SettingsError(f"GGUF output reuses a GGUF source's tokenizer and metadata, and {source!r} is not a "
                             ".gguf file; use --format hf, or convert it with llama.cpp's convert_hf_to_gguf.py first")
     out = Path(settings.out)
+    if fmt == "gguf" and out.suffix.lower() != ".gguf":
+        raise SettingsError(f"--out {out} is where a GGUF file goes (the source is a GGUF, or --format gguf), and "
+                            f"GGUF loaders know a file by its name: use {out.with_suffix('.gguf')}, or --format hf "
+                            "for a folder")
     card = out / "README.md" if fmt == "hf" else out.with_suffix(".md")
     check_output(out, folder=fmt == "hf", force=settings.force, inputs=inputs)
     gguf = None
