@@ -203,13 +203,17 @@ def test_a_kv_export_shares_when_loaded_by_layerlab_or_its_remote_code(arch, tex
 
 
 def test_a_gguf_export_of_a_kv_plan_is_refused_before_any_work(tmp_path):
-    from layerlab.export import export
+    from layerlab.export import prepare_export
     from layerlab.export.gguf import prune_gguf
+    from layerlab.models import EMBEDDED
+    from layerlab.settings import ExportSettings, ModelSpec
 
+    plan = Plan.parse("kv:19<-18", 30)
     with pytest.raises(PlanError, match="llama.cpp has no way to make a layer read another layer's keys"):
-        prune_gguf(tmp_path / "missing.gguf", Plan.parse("kv:3<-2", 6), tmp_path / "out.gguf")
+        prune_gguf(EMBEDDED["smollm2-135m"].locate(), plan, tmp_path / "out.gguf")
+    settings = ExportSettings(model=ModelSpec("smollm2-135m"), plan="kv:19<-18", out=str(tmp_path / "out.gguf"))
     with pytest.raises(PlanError, match="cannot carry KV sharing"):
-        export("smollm2-135m", "kv:19<-18", tmp_path / "out.gguf", fmt="gguf")
+        prepare_export(settings, plan)
     assert not list(tmp_path.iterdir())
 
 
