@@ -409,14 +409,15 @@ class ParallelSettings:
         return self.workers is not None
 
     def check(self) -> None:
-        """Ray is installed and the cluster answers (before any model loads)."""
+        """The cluster answers and Ray is installed (before any model loads); the address is checked first,
+        so a wrong address is named whether or not Ray is installed yet."""
         if not self.parallel:
             return
         from .errors import require
 
-        require("ray", "ray", "--workers")
         if self.ray_address:
             check_ray_address(self.ray_address)
+        require("ray", "ray", "--workers")
 
 
 _RAY_ADDRESS = re.compile(r"auto|(?:ray://)?[A-Za-z0-9_.\-]+:\d{1,5}")
