@@ -16,17 +16,14 @@ weights implies (decode on CPU reads every weight once per token).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from gguf import GGUFReader
 
 from layerlab import Plan
-from layerlab.evaluate.artifact import DECODE_CHILD
+from layerlab.evaluate.artifact import DECODE_CHILD, run_child
 from layerlab.evaluate.speed import Rounds, compare_speed
 from layerlab.export.gguf import prune_gguf
 from layerlab.models import EMBEDDED
@@ -34,9 +31,7 @@ from layerlab.models import EMBEDDED
 
 def measure(path: Path, tokens: int) -> dict:
     """One llama.cpp decode run in a fresh process (`evaluate.artifact`'s child): tokens/s and peak RSS."""
-    out = subprocess.run([sys.executable, "-c", DECODE_CHILD, str(path), str(tokens), "2"], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(DECODE_CHILD, path, tokens, 2)
 
 
 def block_bytes(path: Path) -> tuple[int, dict[int, int]]:

@@ -121,16 +121,22 @@ print(json.dumps(llama_cpp_perplexity(path, sys.stdin.read(), ctx, chunks, threa
 """
 
 
-def llama_cpp_perplexity_isolated(path: Path, settings: ArtifactSettings) -> tuple[float, int, int]:
-    """`llama_cpp_perplexity` in a child process: a crash inside llama.cpp (some llama-cpp-python builds
-    segfault on some CPUs) becomes an error here instead of killing the job."""
-    done = subprocess.run([sys.executable, "-c", PERPLEXITY_CHILD, str(path), str(settings.ctx),
-                           str(settings.windows or 0), str(settings.threads or 0)],
-                          input=read_text(settings.text), capture_output=True, text=True)
+def run_child(script: str, path: Path, *args: object, stdin: str | None = None):
+    """Run a llama.cpp measuring `script` on `path` in a fresh Python process and return the JSON of its last
+    output line. A crash inside llama.cpp (some llama-cpp-python builds segfault on some CPUs) becomes a
+    LayerlabError here instead of killing the job."""
+    done = subprocess.run([sys.executable, "-c", script, str(path), *map(str, args)], input=stdin,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         raise LayerlabError(f"llama.cpp could not run {path}: {reason}")
-    ppl, tokens, chunks = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_perplexity_isolated(path: Path, settings: ArtifactSettings) -> tuple[float, int, int]:
+    """`llama_cpp_perplexity` in a child process (`run_child`)."""
+    ppl, tokens, chunks = run_child(PERPLEXITY_CHILD, path, settings.ctx, settings.windows or 0,
+                                    settings.threads or 0, stdin=read_text(settings.text))
     return ppl, tokens, chunks
 
 
@@ -163,13 +169,9 @@ def llama_cpp_decode(paths: dict[str, Path], rounds: int, tokens: int, threads: 
     for index in range(rounds + 1):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            done = subprocess.run([sys.executable, "-c", DECODE_CHILD, str(paths[name]), str(tokens),
-                                   str(threads or 0)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise LayerlabError(f"llama.cpp could not run {paths[name]}: "
-                                    f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+            run = run_child(DECODE_CHILD, paths[name], tokens, threads or 0)
             if index:
-                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[name].append(run)
     out = {}
     for name, samples in runs.items():
         speeds = [s["tokens_per_s"] for s in samples]
