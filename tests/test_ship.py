@@ -20,7 +20,7 @@ from layerlab.evaluate.artifact import ArtifactSettings, load_file, measure_expo
 from layerlab.export import prepare_export, write_export
 from layerlab.export.gguf import gguf_layer_types
 from layerlab.export.gguf_weights import permute
-from layerlab.export.quant import Target, choose_types, closest, tensor_bytes
+from layerlab.export.quant import Target, anchored, choose_types, closest, roundtrip, tensor_bytes
 from layerlab.io import OutputExistsError
 from layerlab.quant import Quant, llama_cpp_available
 from layerlab.settings import ExportSettings, ModelSpec
@@ -137,6 +137,27 @@ def test_requantizing_to_another_type_keeps_the_values_close(tiny, tmp_path):
     err = {name: (m(IDS).logits - f32_model(IDS).logits).abs().max().item() for name, m in
            (("q8", q8_model), ("q4", q4_model))}
     assert 0 < err["q8"] < err["q4"] < 1.0
+
+
+def test_a_small_edit_does_not_decide_the_rounding_ties_of_another_type():
+    """Weights sitting on Q4_0 rounding ties plus an edit far below one step: rounded as they are,
+    every tie follows the edit's sign (the edit amplified to half a step); anchored, the ties round as
+    for the unedited weights, and weights off the ties still take the edit as it is."""
+    rng = np.random.default_rng(0)
+    step = 0.01
+    levels = rng.integers(-7, 7, size=(64, 32)).astype(np.float32)
+    levels[:, 0] = -8  # the block's largest magnitude fixes Q4_0's step at `step`
+    old = (levels * step).astype(np.float32)
+    old[:, 1::2] += np.float32(step / 2)  # every other weight exactly on a tie
+    edit = np.float32(1e-4) * np.sign(rng.standard_normal(old.shape)).astype(np.float32)
+    edit[:, 0] = 0
+    new = old + edit
+    plain, direct = roundtrip(old, T.Q4_0), roundtrip(new, T.Q4_0)
+    fixed = roundtrip(anchored(new, old, T.Q4_0), T.Q4_0)
+    assert np.abs(direct - plain).max() == pytest.approx(step, rel=1e-3)  # the problem: ties flipped by the edit
+    np.testing.assert_array_equal(fixed, plain)  # no tie flipped: the edit is below half a step everywhere
+    np.testing.assert_array_equal(anchored(new, old, T.Q4_0)[:, 2::2], new[:, 2::2])  # off the ties: as it is
+    np.testing.assert_array_equal(anchored(new, old, T.F32), new)  # nothing to anchor in F32
 
 
 def test_closest_type_by_bits_per_weight():

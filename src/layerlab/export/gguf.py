@@ -12,7 +12,8 @@ pattern, since transformers' GGUF loader ignores the array.
 
 Each output tensor has a target type (`quant.choose_types`). A tensor whose values did not change
 and whose type stays is copied as it is. Otherwise its values (the changed ones, or the source's
-dequantized) are quantized: by the `gguf` package for the numpy types; for K-quants the tensor is
+dequantized) are quantized: by the `gguf` package for the numpy types (a small change is anchored to
+the source tensor's own rounding, `quant.anchored`); for K-quants the tensor is
 first written as F32 and llama.cpp's quantizer then writes the final file, told each tensor's type
 (it copies a tensor already in its type byte for byte, as layerlab does).
 """
@@ -34,7 +35,7 @@ from ..errors import PlanError
 from ..io import GGUF_PRODUCER_KEY, PRODUCER
 from ..plan import Plan
 from .files import staged_file
-from .quant import NUMPY_TYPES, Target, quantize, tensor_bytes
+from .quant import NUMPY_TYPES, Target, anchored, quantize, tensor_bytes
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 SWA_PATTERNS = {"gemma3": 6}  # llama.cpp: layer i is global when i % n == n - 1
@@ -275,8 +276,10 @@ def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GG
         if copy:
             writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
         else:
-            data = values[name] if name in values else dequantized(tensor)
-            writer.write_tensor_data(np.ascontiguousarray(quantize(np.asarray(data, dtype=np.float32), kind)))
+            data = dequantized(tensor)
+            if name in values:
+                data = anchored(np.asarray(values[name], dtype=np.float32), data, kind)
+            writer.write_tensor_data(np.ascontiguousarray(quantize(data, kind)))
     writer.close()
 
 
