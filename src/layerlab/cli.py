@@ -262,8 +262,9 @@ def _print_results(results: dict) -> None:
               help="Stop drafting after a token whose top-1/top-2 probability ratio is below this.")
 @click.option("--search-text", default=SpeculateSettings.search_text, show_default=True,
               help="Calibration text for 'auto'.")
+@parallel_options
 def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_new_tokens, sample, temperature, seed,
-              max_draft, min_confidence, min_ratio, search_text) -> None:
+              max_draft, min_confidence, min_ratio, search_text, workers, ray_address, worker_threads) -> None:
     """Self-speculative decoding: draft with a layer plan, verify with every layer; output equals plain decoding."""
     from . import jobs
     from .speculative import break_even_summary
@@ -271,7 +272,8 @@ def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_
     decoding = SpeculativeSettings(max_draft=max_draft, min_confidence=min_confidence, min_ratio=min_ratio,
                                    sample=sample, temperature=temperature, seed=seed)
     outcome = jobs.speculate(SpeculateSettings(_spec(source, dtype, device, trust_remote_code), draft_plan, prompt,
-                                               max_new_tokens, decoding, search_text))
+                                               max_new_tokens, decoding, search_text,
+                                               ParallelSettings(workers, ray_address, worker_threads)))
     if outcome.draft_search is not None:
         _print(_speculation_table("draft plans, best predicted speedup first",
                                   [c.stats for c in outcome.draft_search.ranking],

@@ -963,12 +963,17 @@ class SpeculateSettings:
     max_new_tokens: int = 64
     decoding: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     search_text: str = "wikitext2-valid"
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # where 'auto' measures its candidates
 
     def __post_init__(self) -> None:
         _check_prompts((self.prompt,))
         _at_least(self.max_new_tokens, 1, "max_new_tokens")
+        if self.parallel.parallel and self.draft_plan != "auto":
+            raise SettingsError("--workers fans out the candidates of --draft-plan auto; with a given draft plan "
+                                "drop --workers / --ray-address")
 
     def check(self) -> None:
+        self.parallel.check()
         if self.draft_plan == "auto":
             check_text_source(self.search_text, "--search-text")
         else:
