@@ -15,20 +15,29 @@ is measured (`evaluate/compare.py`), and each greedy search saves its state afte
 --out), so a stopped run keeps what it measured: running it again with the same options reuses it, and
 says which results it recomputes because an option changed.
 
+With `--workers N` (or `--ray-address`; the `ray` extra) the work fans out over Ray workers that each load
+the model once (`layerlab.parallel`): the one-shot scores on one worker, each greedy round's candidates,
+and every (plan, task) of the table, all measured first into the result store; the table is then printed
+from the store. The numbers are the serial run's; a worker that dies is replaced, and a stopped run
+resumes from the store as above.
+
     python benchmarks/method_quality.py [--model smollm2-135m] [--counts 4,6,8] [--granularities layer,attn,mlp]
         [--tasks suite] [--rows 0] [--task-data /work/shared/data/tasks] [--ppl-windows 0] [--keep 1.0]
         [--device cuda] [--task-batch-size 64] [--out method_quality.json] [--resume]
+        [--workers 2 [--ray-address HOST:PORT] [--worker-threads 1]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import layerlab
+from layerlab import parallel
 from layerlab.corpora import read_text
 from layerlab.evaluate.compare import evaluate_plans
 from layerlab.evaluate.table import delta_text, estimate_text
@@ -36,7 +45,7 @@ from layerlab.io import update_file
 from layerlab.metrics.similarity import similarity
 from layerlab.plan import Plan, Step
 from layerlab.search import Budget, greedy, one_shot
-from layerlab.settings import EvalSettings
+from layerlab.settings import EvalSettings, ModelSpec, ParallelSettings
 
 ONE_SHOT = {"layer": ("bi", "angular", "cosine"), "attn": ("cosine",), "mlp": ("cosine",)}
 
@@ -49,17 +58,20 @@ def last_n(n_layers: int, n: int, granularity: str) -> Plan:
     return Plan(tuple(s for s in steps if s.attention or s.mlp), n_layers)
 
 
-def chosen_plans(model, tokenizer, args) -> list[dict]:
-    """Every (granularity, n, method) with its plan, calibrated on args.calibration."""
+def chosen_plans(model, tokenizer, args, pool=None) -> list[dict]:
+    """Every (granularity, n, method) with its plan, calibrated on args.calibration (on `pool`'s workers if any)."""
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     text = read_text(args.calibration)
-    scores = similarity(model, tokenizer, text, ctx=args.calib_ctx, windows=args.calib_windows)
+    if pool is None:
+        scores = similarity(model, tokenizer, text, ctx=args.calib_ctx, windows=args.calib_windows)
+    else:
+        scores = parallel.similarity(pool, text, args.calib_ctx, args.calib_windows, n_layers)
     rows = [{"granularity": "-", "n": 0, "method": "baseline", "plan": Plan.identity(n_layers)}]
     for granularity in args.granularities:
         start = time.perf_counter()
         search = greedy(model, tokenizer, text, Budget(remove=max(args.counts)), granularity, ctx=args.calib_ctx,
                         windows=args.search_windows, keep=args.keep, resume=args.resume,
-                        state_path=f"{args.out}.greedy-{granularity}.json")
+                        state_path=f"{args.out}.greedy-{granularity}.json", pool=pool)
         print(f"greedy {granularity}: {time.perf_counter() - start:.0f} s, {search.layer_forwards} layer forwards",
               flush=True)
         for n in args.counts:
@@ -70,16 +82,29 @@ def chosen_plans(model, tokenizer, args) -> list[dict]:
     return rows
 
 
-def evaluate(model, tokenizer, baseline: Plan, plan: Plan, settings: EvalSettings, texts: list[str], args) -> dict:
-    """The plan beside the baseline: perplexity on every text, the zero-shot tasks, their average, paired deltas."""
+def measurer(model, tokenizer, args, pool=None):
+    """`(plans, settings, progress) -> evaluate_plans' results`, here or on `pool`'s workers, into one store."""
     store = f"{args.out}.results"
+    if pool is None:
+        return lambda plans, settings, progress=False: evaluate_plans(model, tokenizer, plans, settings, store=store,
+                                                                      progress=progress)
+    return lambda plans, settings, progress=False: parallel.evaluate_plans(pool, plans, settings, store=store,
+                                                                           progress=progress)
+
+
+def text_settings(settings: EvalSettings, texts: list[str]) -> list[EvalSettings]:
+    """The table's settings, then perplexity alone on each evaluation text."""
+    return [settings] + [replace(settings, tasks=("ppl",), ppl_text=text) for text in texts]
+
+
+def evaluate(run, baseline: Plan, plan: Plan, settings: EvalSettings, texts: list[str]) -> dict:
+    """The plan beside the baseline: perplexity on every text, the zero-shot tasks, their average, paired deltas."""
     plans = [baseline] if plan == baseline else [baseline, plan]
-    rows = evaluate_plans(model, tokenizer, plans, settings, store=store, progress=False)["rows"]
+    table, *ppl_only = text_settings(settings, texts)
+    rows = run(plans, table)["rows"]
     out = {"tasks": rows[-1].get("tasks", {}), "average": rows[-1].get("average"), "ppl": {}}
-    for text in texts:
-        other = replace(settings, tasks=("ppl",), ppl_text=text)
-        out["ppl"][text] = evaluate_plans(model, tokenizer, plans, other, store=store,
-                                          progress=False)["rows"][-1]["ppl"]
+    for text, other in zip(texts, ppl_only, strict=True):
+        out["ppl"][text] = run(plans, other)["rows"][-1]["ppl"]
     for task in out["tasks"].values():  # keep the JSON small: the per-item results stay in the store
         task.pop("per_item")
     for ppl in out["ppl"].values():
@@ -120,16 +145,37 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="method_quality.json")
     parser.add_argument("--resume", action="store_true", help="continue stopped greedy searches with the same options")
+    parser.add_argument("--workers", type=int, help="Ray workers (the ray extra); default: serially here")
+    parser.add_argument("--ray-address", help="join the Ray cluster at HOST:PORT instead of starting one")
+    parser.add_argument("--worker-threads", type=int, help="torch threads per worker (default: cores // workers)")
     args = parser.parse_args()
+    spreading = ParallelSettings(args.workers, args.ray_address, args.worker_threads)
+    spreading.check()
 
     settings = EvalSettings(tasks=("ppl", *(t for t in EvalSettings(tasks=args.tasks).tasks if t != "ppl")),
                             rows=args.rows or None, task_data=args.task_data, task_batch_size=args.task_batch_size,
                             ppl_text=args.eval_texts[0], ctx=512, ppl_windows=args.ppl_windows or None,
                             batch_size=args.batch_size)
     data = settings.check()  # a missing or malformed task file fails now, not after the searches
-    model, tokenizer = layerlab.load(args.model, device=args.device)
-    rows = chosen_plans(model, tokenizer, args)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if spreading.parallel:  # the workers hold the weights; this process only the model's structure
+            spec = ModelSpec(args.model, device=args.device)
+            pool = stack.enter_context(parallel.WorkerPool(spec, spreading))
+            model, tokenizer = parallel.structure_model(spec), spec.tokenizer()
+        else:
+            model, tokenizer = layerlab.load(args.model, device=args.device)
+        table(model, tokenizer, args, settings, data, pool)
+
+
+def table(model, tokenizer, args, settings: EvalSettings, data: dict, pool=None) -> None:
+    """Choose every row's plan, measure them (all at once on a pool), print and save the table row by row."""
+    rows = chosen_plans(model, tokenizer, args, pool)
+    run = measurer(model, tokenizer, args, pool)
     baseline = rows[0]["plan"]
+    if pool is not None:  # every (plan, task) fans out now; the rows below read them from the store
+        for each in text_settings(settings, args.eval_texts):
+            run([p for p in {r["plan"].to_text(): r["plan"] for r in rows}.values()], each, progress=True)
     tasks = settings.zero_shot
     print(f"{args.model}; calibration {args.calibration}; tasks "
           f"{', '.join(f'{n} ({len(d.items)} rows, {d.task.headline})' for n, d in data.items())}; "
@@ -139,7 +185,7 @@ def main() -> None:
           + " " + " ".join(f"{t[:8]:>8s}" for t in tasks) + f" {'average':>13s} {'Δ average':>28s}  plan",
           flush=True)
     for row in rows:
-        row |= evaluate(model, tokenizer, baseline, row["plan"], settings, args.eval_texts, args)
+        row |= evaluate(run, baseline, row["plan"], settings, args.eval_texts)
         row["plan"] = row["plan"].to_text()
         print_row(row, args.eval_texts, tasks)
         done = [r for r in rows if "ppl" in r]

@@ -1,5 +1,7 @@
-"""Parallel candidate evaluation on Ray: the serial search's plan and trace (a dying worker retried), and
-the serial evaluation's rows. Both tests share one local Ray runtime (starting one takes a while)."""
+"""Parallel candidate evaluation on Ray: the serial search's plan and trace (a dying worker retried), the
+serial evaluation's rows (kept in a result store), and a draft-plan search's counts. The tests share one
+local Ray runtime (starting one takes a while) and are skipped when Ray is not installed; `test_pool.py`
+covers the pool's logic without Ray."""
 
 from __future__ import annotations
 
@@ -47,5 +49,20 @@ def test_parallel_evaluation_is_the_serial_evaluation(tiny_folder, fault_file, t
     evaluation = EvalSettings(tasks=("ppl", "arc_easy"), rows=3, ppl_text="wikitext2-valid", ctx=32, ppl_windows=2)
     job = EvalJob(ModelSpec(str(tiny_folder)), ("skip:1", "skip:2-3"), evaluation, str(tmp_path / "s.json"))
     serial = jobs.evaluate(job)
-    parallel = jobs.evaluate(EvalJob(**{**job.__dict__, "out": str(tmp_path / "p.json"), "parallel": TWO}))
+    parallel = jobs.evaluate(EvalJob(**{**job.__dict__, "out": str(tmp_path / "p.json"), "parallel": TWO,
+                                        "store": str(tmp_path / "store")}))
     assert parallel["rows"] == serial["rows"] and len(parallel["workers"]) == 2
+    assert len(list((tmp_path / "store").glob("[!.]*.json"))) == 6  # every (plan, task) result kept
+
+
+@pytest.mark.slow
+def test_parallel_draft_search_counts_are_the_serial_ones(tiny_folder, fault_file):
+    from layerlab.settings import SpeculateSettings, SpeculativeSettings
+
+    fixed = SpeculativeSettings(min_confidence=0, min_ratio=0, max_draft=3)
+    common = dict(model=ModelSpec(str(tiny_folder)), prompt="The game", max_new_tokens=4, decoding=fixed)
+    serial = jobs.speculate(SpeculateSettings(**common)).draft_search
+    parallel = jobs.speculate(SpeculateSettings(**common, parallel=TWO)).draft_search
+    names = ("new_tokens", "verifications", "draft_steps", "proposed", "accepted")
+    assert {c.plan.to_text(): [getattr(c.stats, n) for n in names] for c in parallel.ranking} == \
+        {c.plan.to_text(): [getattr(c.stats, n) for n in names] for c in serial.ranking}

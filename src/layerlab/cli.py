@@ -29,6 +29,7 @@ from .settings import (
     PATCH_FORMS,
     PATCH_OBJECTIVES,
     PLAN_FORMATS,
+    PRUNE_METHODS,
     QUANT_CHOICES,
     QUICK_EVAL,
     RECOVERIES,
@@ -262,8 +263,9 @@ def _print_results(results: dict) -> None:
               help="Stop drafting after a token whose top-1/top-2 probability ratio is below this.")
 @click.option("--search-text", default=SpeculateSettings.search_text, show_default=True,
               help="Calibration text for 'auto'.")
+@parallel_options
 def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_new_tokens, sample, temperature, seed,
-              max_draft, min_confidence, min_ratio, search_text) -> None:
+              max_draft, min_confidence, min_ratio, search_text, workers, ray_address, worker_threads) -> None:
     """Self-speculative decoding: draft with a layer plan, verify with every layer; output equals plain decoding."""
     from . import jobs
     from .speculative import break_even_summary
@@ -271,7 +273,8 @@ def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_
     decoding = SpeculativeSettings(max_draft=max_draft, min_confidence=min_confidence, min_ratio=min_ratio,
                                    sample=sample, temperature=temperature, seed=seed)
     outcome = jobs.speculate(SpeculateSettings(_spec(source, dtype, device, trust_remote_code), draft_plan, prompt,
-                                               max_new_tokens, decoding, search_text))
+                                               max_new_tokens, decoding, search_text,
+                                               ParallelSettings(workers, ray_address, worker_threads)))
     if outcome.draft_search is not None:
         _print(_speculation_table("draft plans, best predicted speedup first",
                                   [c.stats for c in outcome.draft_search.ranking],
@@ -588,11 +591,18 @@ def _recovery_summary(result) -> str:
 @click.option("--format", "-f", "fmt", type=click.Choice(EXPORT_FORMATS), default=PruneSettings.export_format,
               help="Format of the smaller model (default: the source's).")
 @click.option("--quant", "-q", default=PruneSettings.quant, show_default=True, help=_QUANT_HELP)
+@click.option("--method", type=click.Choice(PRUNE_METHODS), default=PruneSettings.method, show_default=True,
+              help="auto: greedy search and one-shot plans compared, evaluated, recovered, reported; bi, angular or "
+                   "cosine: that one-shot plan from the scores alone, exported (no evaluation; needs --heal none).")
+@click.option("--streamed", is_flag=True,
+              help="One-shot --method: score one decoder layer at a time and copy the GGUF's tensors (models "
+                   "larger than memory).")
 @click.option("--out", "-o", default=PruneJob.out, show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Start over, replacing a run folder that layerlab wrote.")
 def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup, granularity, calibration, windows,
-          ctx, keep, ppl_windows, tasks, rows, heal, heal_steps, export, fmt, quant, out, resume, force) -> None:
+          ctx, keep, ppl_windows, tasks, rows, heal, heal_steps, export, fmt, quant, method, streamed, out, resume,
+          force) -> None:
     """The main job: score, search, evaluate, export a smaller model and write an HTML report."""
     from dataclasses import replace
 
@@ -604,7 +614,7 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
                              evaluation=replace(QUICK_EVAL, ppl_windows=ppl_windows, tasks=tasks,
                                                 rows=_none_if_zero(rows)),
                              recovery=RecoverSettings(method=heal, training=healing), export=export,
-                             export_format=fmt, quant=quant)
+                             export_format=fmt, quant=quant, method=method, streamed=streamed)
     job = PruneJob(_spec(source, dtype, device, trust_remote_code), settings, out, resume, force)
     try:
         data = run_prune(job)
@@ -612,6 +622,9 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
         if (Path(out) / "search.json").is_file():
             click.echo(f"finished steps are kept in {out}: rerun with --resume to continue", err=True)
         raise
+    if method != "auto":
+        _print_one_shot(data, out)
+        return
     _print_results(data["evaluation"] | {"rows": data["evaluation"]["rows"] + ([data["healed"]] if data["healed"]
                                                                                 else [])})
     _print(f"plan: {data['plan']}   (chosen by calibration perplexity: {data['chosen_by']}; greedy "
@@ -626,6 +639,17 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
         _print(f"smaller model: {shipped['path']}  {shipped['bytes'] / 2**20:.1f} MiB, {ratio} of the source's "
                f"bytes{ideal} ({shipped['format']}, quant {shipped['quant']})")
     _print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")
+
+
+def _print_one_shot(data: dict, out: str) -> None:
+    """A one-shot prune's plan, file and peak memory."""
+    _print(f"plan: {data['plan']}   (one-shot {data['chosen_by']}{', scores streamed' if data['streamed'] else ''})")
+    for shipped in data["shipped"]:
+        ratio = f"{shipped['ratio']:.3f}" if shipped["ratio"] else "-"
+        _print(f"smaller model: {shipped['path']}  {shipped['bytes'] / 2**20:.1f} MiB, {ratio} of the source's bytes "
+               f"({shipped['format']}, quant {shipped['quant']}, {shipped['copied_tensors']} tensors copied)")
+    _print(_peak(data["peak_memory_mb"]))
+    _print(f"scores and plan: {Path(out) / 'report.json'}")
 
 
 def _share(text: str | None) -> float | None:

@@ -7,11 +7,16 @@ tokens per verification and draft steps per verification are measured, and the c
 TIMED: seconds per draft step over seconds per plain decoding step (timed once, side by side).
 The predicted speedup (Leviathan et al.) ranks them. When none beats 1.0 the report says by how
 much, and what acceptance the best cost ratio would need.
+
+With a worker pool (`parallel.WorkerPool`) the scores come from one worker and each candidate is one
+task: its counts (acceptance, tokens and draft steps per verification) are the serial run's exactly;
+its seconds are timed on its worker, the plain decoding too (right before the candidate), so each
+cost ratio compares two timings taken under the same load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -65,9 +70,17 @@ class DraftSearch:
 
 
 def draft_candidates(model, tokenizer, text: str, ctx: int = 256, windows: int = 4,
-                     shares: tuple[float, ...] = SHARES) -> list[tuple[Plan, str]]:
-    """Whole-layer (Block Influence) and sublayer (LLM-Drop cosine) skips at several depths, deduplicated."""
-    scores = similarity(model, tokenizer, text, ctx=ctx, windows=windows, progress=False)
+                     shares: tuple[float, ...] = SHARES, pool=None) -> list[tuple[Plan, str]]:
+    """Whole-layer (Block Influence) and sublayer (LLM-Drop cosine) skips at several depths, deduplicated.
+
+    With `pool` the scores are computed on a worker (`model` may then be weightless: only its config is read)."""
+    if pool is None:
+        scores = similarity(model, tokenizer, text, ctx=ctx, windows=windows, progress=False)
+    else:
+        from . import parallel
+
+        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        scores = parallel.similarity(pool, text, ctx, windows, n_layers)
     steps = len(scores.plan.steps)
     out: list[tuple[Plan, str]] = []
     for share in shares:
@@ -82,21 +95,46 @@ def draft_candidates(model, tokenizer, text: str, ctx: int = 256, windows: int =
 @torch.inference_mode()
 def search_draft_plan(model, tokenizer, prompts: list[str], text: str, max_new_tokens: int = 32,
                       settings: SpeculativeSettings | None = None, ctx: int = 256, windows: int = 4,
-                      shares: tuple[float, ...] = SHARES) -> DraftSearch:
-    """Rank draft plans by the speedup their measured acceptance and timed cost ratio predict."""
-    encoded = [tokenizer(p, return_tensors="pt")["input_ids"].to(model.device) for p in prompts]
-    plain = _plain_seconds_per_token(model, encoded, max_new_tokens)
-    ranking = []
-    for plan, kind in draft_candidates(model, tokenizer, text, ctx, windows, shares):
-        runs = [speculative_generate(model, ids, plan, max_new_tokens, settings).stats for ids in encoded]
-        stats = SpeculativeStats.combined(runs)
-        stats.plain_seconds_per_token = plain
-        ranking.append(DraftCandidate(plan, kind, stats))
+                      shares: tuple[float, ...] = SHARES, pool=None) -> DraftSearch:
+    """Rank draft plans by the speedup their measured acceptance and timed cost ratio predict.
+
+    With `pool` the candidates are measured on its workers (see the module docstring); `model` may be
+    the weightless `parallel.structure_model`."""
+    candidates = draft_candidates(model, tokenizer, text, ctx, windows, shares, pool)
+    if pool is None:
+        encoded = encode(tokenizer, prompts, model.device)
+        plain = plain_seconds_per_token(model, encoded, max_new_tokens)
+        measured = [draft_stats(model, encoded, plan, max_new_tokens, settings, plain) for plan, _ in candidates]
+    else:
+        from . import parallel
+
+        decoding = asdict(settings or SpeculativeSettings())
+        calls = [parallel.task("draft", plan.to_text(), list(prompts), max_new_tokens, decoding)
+                 for plan, _ in candidates]
+        measured = [SpeculativeStats(**stats) for stats in pool.run(calls, "draft plans")]
+        plain = sum(s.plain_seconds_per_token for s in measured) / len(measured)
+    ranking = [DraftCandidate(plan, kind, stats) for (plan, kind), stats in zip(candidates, measured, strict=True)]
     ranking.sort(key=lambda c: -c.predicted_speedup)
     return DraftSearch(ranking, plain)
 
 
-def _plain_seconds_per_token(model, encoded: list[torch.Tensor], tokens: int) -> float:
+def encode(tokenizer, prompts: list[str], device) -> list[torch.Tensor]:
+    """Each prompt's token ids, on the model's device."""
+    return [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in prompts]
+
+
+@torch.inference_mode()
+def draft_stats(model, encoded: list[torch.Tensor], plan: Plan, max_new_tokens: int,
+                settings: SpeculativeSettings | None, plain: float) -> SpeculativeStats:
+    """One draft plan's speculative runs on every prompt, as one set of statistics against `plain` s/token."""
+    runs = [speculative_generate(model, ids, plan, max_new_tokens, settings).stats for ids in encoded]
+    stats = SpeculativeStats.combined(runs)
+    stats.plain_seconds_per_token = plain
+    return stats
+
+
+@torch.inference_mode()
+def plain_seconds_per_token(model, encoded: list[torch.Tensor], tokens: int) -> float:
     """Seconds per plain greedy decoding step, over the same prompts (after one warm-up)."""
     prefill_decode_seconds(model, encoded[0], 2)
     seconds = sum(prefill_decode_seconds(model, ids, tokens)[1] for ids in encoded)

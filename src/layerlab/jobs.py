@@ -87,12 +87,12 @@ def evaluate(job: EvalJob, progress: bool = True) -> dict:
     if "ppl" in job.evaluation.tasks:
         check_windows(job.model, [("--ppl-text", job.evaluation.ppl_text, job.evaluation.ctx)])
     with peak_memory(job.model) as peak:
-        if job.parallel.parallel:  # one Ray task per plan; the workers hold the model
+        if job.parallel.parallel:  # one Ray task per (plan, task); the workers hold the model
             from .parallel import WorkerPool
             from .parallel import evaluate_plans as evaluate_in_parallel
 
-            with WorkerPool(job.model, job.parallel) as pool:
-                results = evaluate_in_parallel(pool, plans, job.evaluation)
+            with WorkerPool(job.model, job.parallel, progress=progress) as pool:
+                results = evaluate_in_parallel(pool, plans, job.evaluation, store=job.store, progress=progress)
                 results["workers"] = pool.memory()
         else:
             model, tokenizer = job.model.load()
@@ -334,11 +334,18 @@ def speculate(settings: SpeculateSettings) -> SpeculateOutcome:
     settings.check()
     info = settings.model.inspect()
     plan = None if settings.draft_plan == "auto" else Plan.load(settings.draft_plan, info.num_layers)
-    model, tokenizer = settings.model.load()
     found = None
+    search = dict(max_new_tokens=24, settings=settings.decoding)
+    if plan is None and settings.parallel.parallel:  # the candidates on Ray workers, closed before decoding here
+        from .parallel import WorkerPool, structure_model
+
+        with WorkerPool(settings.model, settings.parallel) as pool:
+            found = search_draft_plan(structure_model(settings.model), settings.model.tokenizer(), [settings.prompt],
+                                      read_text(settings.search_text), pool=pool, **search)
+        plan = found.best.plan
+    model, tokenizer = settings.model.load()
     if plan is None:
-        found = search_draft_plan(model, tokenizer, [settings.prompt], read_text(settings.search_text),
-                                  max_new_tokens=24, settings=settings.decoding)
+        found = search_draft_plan(model, tokenizer, [settings.prompt], read_text(settings.search_text), **search)
         plan = found.best.plan
     ids = tokenizer(settings.prompt, return_tensors="pt")["input_ids"].to(model.device)
     result = compare_with_plain(model, ids, plan, settings.max_new_tokens, settings.decoding)

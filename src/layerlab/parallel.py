@@ -3,9 +3,10 @@
 Serial evaluation in one process stays the default and needs nothing; `ParallelSettings(workers=N)`
 starts a local Ray runtime (`ray.init(num_cpus=N)`) with N workers whose torch threads split this
 machine's cores fairly (cores // N each), and `ray_address` joins a running cluster instead. Ray is
-the optional `ray` extra.
+the optional `ray` extra; `WorkerPool` reaches it only through `RayBackend`, so the pool's logic
+(order, retries, resuming) is the same with any backend that starts workers and runs their methods.
 
-What fans out:
+What fans out (one pool, one worker class, for every caller):
 - a greedy search round (`PoolEvaluator.round`): every candidate of the round is one task. The
   result is exactly the serial run's: the serial search aborts candidate i once its running loss
   exceeds the best complete loss among candidates 0..i-1, and since a loss only grows window by
@@ -14,8 +15,13 @@ What fans out:
   aborts only when the serial run would), and the serial scores are rebuilt from the losses in the
   serial order once the round is in. Rankings, pruning (`keep`) and the chosen unit are then the same;
   only the count of layer forwards differs (each worker records the round's prefix once);
-- plans to evaluate side by side (`evaluate_plans`): one task per plan, the speed task afterwards on
-  one worker alone so its timing is not shared with other work.
+- plans to evaluate side by side (`evaluate_plans`: `layerlab eval --plans`, the method-quality
+  table): one task per (plan, task) pair, measured by the same code as the serial evaluation
+  (`evaluate.compare`), so the rows are identical; with a result store each result is saved as it
+  comes back, so a stopped run resumes; speed is timed afterwards on one worker alone so its timing is
+  not shared with other work;
+- the one-shot scores (`similarity`): one task, the serial function on a worker;
+- draft-plan candidates (`draft_search.search_draft_plan(pool=...)`): one task per candidate.
 
 Faults: tasks are self-contained (the round's plan and the calibration windows travel with each one;
 a worker records the round's prefix when it first sees it), workers restart (`max_restarts`) and
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -34,13 +41,24 @@ from tqdm.auto import tqdm
 
 from .errors import LayerlabError
 from .plan import Plan
-from .settings import EvalSettings, ModelSpec, ParallelSettings, as_dict
+from .settings import EvalSettings, ModelSpec, ParallelSettings, SpeculativeSettings
 
 FAULT_FILE = "LAYERLAB_WORKER_FAULT"  # tests: the first task that finds this file removes it and kills its worker
 
+Call = Callable[[], tuple[str, tuple]]  # a task: the worker method's name and its arguments, built when sent
+
+
+def task(method: str, *args) -> Call:
+    """A task whose arguments are known now (the greedy rounds build theirs when sent)."""
+    return lambda: (method, args)
+
+
+class WorkerLost(Exception):
+    """A worker died with its task; the pool sends the task to a fresh worker."""
+
 
 class PlanWorker:
-    """One Ray actor: the model loaded once, plans evaluated as they arrive (as text)."""
+    """One worker: the model loaded once, plans evaluated as they arrive (as text)."""
 
     def __init__(self, spec: dict, threads: int) -> None:
         import torch
@@ -53,6 +71,7 @@ class PlanWorker:
         self._evaluators: dict[str, object] = {}  # calibration windows key -> LossEvaluator
         self._recorded: dict[str, str] = {}  # windows key -> the plan whose prefix is recorded
         self._base: dict[str, float] = {}
+        self._inputs: dict[str, tuple] = {}  # evaluation settings -> (task data, perplexity text)
 
     def _evaluator(self, key: str, windows: list, reuse: bool, abort: bool):
         from .evaluate.perplexity import Window
@@ -85,13 +104,50 @@ class PlanWorker:
         value = evaluator.loss(Candidate(name, Plan.parse(text, self.n_layers), first_change), abort_above)
         return value, forwards + evaluator.layer_forwards - before
 
-    def evaluate(self, plans: list[str], settings: dict) -> list[dict]:
-        """`evaluate.compare.evaluate_plans` rows of these plans (deltas are the caller's)."""
-        from .evaluate.compare import evaluate_plans
+    def fingerprint(self) -> str:
+        """The model's fingerprint (`evaluate.compare.model_fingerprint`), for the result store's keys."""
+        from .evaluate.compare import model_fingerprint
+
+        return model_fingerprint(self.model, self.tokenizer)
+
+    def measure(self, plan: str, task: str, settings: dict):
+        """One task under one plan, as the serial evaluation measures it (`evaluate.compare.measure`)."""
+        from .evaluate.compare import measure, task_inputs
 
         _fault_injection()
-        parsed = [Plan.parse(p, self.n_layers) for p in plans]
-        return evaluate_plans(self.model, self.tokenizer, parsed, EvalSettings(**settings), progress=False)["rows"]
+        evaluation = EvalSettings(**settings)
+        key = repr(evaluation)
+        if key not in self._inputs:
+            self._inputs[key] = task_inputs(evaluation)
+        data, text = self._inputs[key]
+        return measure(self.model, self.tokenizer, Plan.parse(plan, self.n_layers), task, evaluation, data, text,
+                       progress=False)
+
+    def speeds(self, plans: list[str], settings: dict) -> list[dict]:
+        """The plans' speed rows, timed side by side here (`evaluate.compare.speed_rows`)."""
+        from .evaluate.compare import speed_rows
+
+        return speed_rows(self.model, self.tokenizer, [Plan.parse(p, self.n_layers) for p in plans],
+                          EvalSettings(**settings))
+
+    def similarity(self, text: str, ctx: int, windows: int) -> dict:
+        """The hook metrics of the whole model on `text` (`metrics.similarity.similarity`), as plain data."""
+        from .metrics.similarity import similarity
+
+        _fault_injection()
+        return similarity(self.model, self.tokenizer, text, ctx=ctx, windows=windows, progress=False).to_dict()
+
+    def draft(self, plan: str, prompts: list[str], max_new_tokens: int, settings: dict) -> dict:
+        """A draft plan's speculative statistics on the prompts (`draft_search.draft_stats`), with plain decoding
+        timed here first, so the cost ratio compares two timings taken on this worker under the same load."""
+        from .draft_search import draft_stats, encode, plain_seconds_per_token
+
+        _fault_injection()
+        encoded = encode(self.tokenizer, prompts, self.model.device)
+        plain = plain_seconds_per_token(self.model, encoded, max_new_tokens)
+        stats = draft_stats(self.model, encoded, Plan.parse(plan, self.n_layers), max_new_tokens,
+                            SpeculativeSettings(**settings), plain)
+        return asdict(stats)
 
     def memory(self) -> dict:
         """This worker's process id, torch threads and peak resident memory (VmHWM) in MB."""
@@ -110,15 +166,12 @@ def _fault_injection() -> None:
         os._exit(1)
 
 
-class WorkerPool:
-    """N Ray workers holding one model each; a context manager that shuts down what it started."""
+class RayBackend:
+    """What `WorkerPool` needs of a runtime, on Ray: start workers (actors), run their methods, wait, kill."""
 
-    def __init__(self, spec: ModelSpec, settings: ParallelSettings, progress: bool = True) -> None:
+    def __init__(self, spec: ModelSpec, settings: ParallelSettings) -> None:
         import ray
 
-        self.settings = settings
-        self.spec = spec
-        self.progress = progress
         self._started = False
         if not ray.is_initialized():
             if settings.ray_address:
@@ -127,16 +180,65 @@ class WorkerPool:
                 ray.init(num_cpus=settings.workers, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": _worker_env()})
             self._started = True
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        self._class = ray.remote(num_cpus=1 if not settings.ray_address else threads,
+                                 num_gpus=gpu_share(spec, settings), max_restarts=2, max_task_retries=2)(PlanWorker)
+
+    def start(self, spec: dict, threads: int):
+        return self._class.remote(spec, threads)
+
+    def submit(self, worker, method: str, args: tuple):
+        return getattr(worker, method).remote(*args)
+
+    def wait(self, pending: list) -> list:
+        import ray
+
+        return ray.wait(pending, num_returns=1)[0]
+
+    def get(self, ref):
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(ref)
+        except RayActorError:
+            raise WorkerLost from None
+
+    def put(self, value):
+        import ray
+
+        return ray.put(value)
+
+    def kill(self, worker) -> None:
+        import ray
+
+        ray.kill(worker)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self._started:
+            ray.shutdown()
+
+
+class WorkerPool:
+    """N workers holding one model each; a context manager that shuts down what it started.
+
+    `backend` is Ray's (`RayBackend`) unless given: tests pass one that runs the workers in this process."""
+
+    def __init__(self, spec: ModelSpec, settings: ParallelSettings, progress: bool = True, backend=None) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.progress = progress
         self.threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
         if spec.device.startswith("cuda"):  # Ray gives each worker its GPU (share) as its only visible one
             self.spec = replace(spec, device="cuda")
-        self._actor_class = ray.remote(num_cpus=1 if not settings.ray_address else self.threads,
-                                       num_gpus=gpu_share(spec, settings), max_restarts=2,
-                                       max_task_retries=2)(PlanWorker)
+        self.backend = backend if backend is not None else RayBackend(spec, settings)
+        self.results: dict[int, object] = {}
         self.actors = [self._new_actor() for _ in range(settings.workers)]
 
     def _new_actor(self):
-        return self._actor_class.remote(asdict(self.spec), self.threads)
+        return self.backend.start(asdict(self.spec), self.threads)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -145,30 +247,32 @@ class WorkerPool:
         self.close()
 
     def close(self) -> None:
-        import ray
-
         for actor in self.actors:
-            ray.kill(actor)
+            self.backend.kill(actor)
         self.actors = []
-        if self._started:
-            ray.shutdown()
+        self.backend.shutdown()
 
     def memory(self) -> list[dict]:
         """Each worker's pid, threads and peak resident memory."""
-        import ray
+        return self.run([task("memory")] * len(self.actors), "memory", spread=True)
 
-        return ray.get([actor.memory.remote() for actor in self.actors])
+    def one(self, method: str, *args):
+        """One task on the first free worker (a fresh one if it dies)."""
+        return self.run([task(method, *args)], method)[0]
 
-    def run(self, calls: list, desc: str) -> list:
-        """Run `calls[i](actor) -> ObjectRef` on free workers, in order; results in call order.
+    def run(self, calls: list[Call], desc: str, spread: bool = False) -> list:
+        """`stream`'s results in call order."""
+        for _ in self.stream(calls, desc, spread):
+            pass
+        return [self.results[i] for i in range(len(calls))]
 
-        `calls[i]` may look at the results that are in (`self.results`) when it is sent. A task lost with
-        its worker goes to a fresh worker; finished results are kept.
-        """
-        import ray
-        from ray.exceptions import RayActorError
+    def stream(self, calls: list[Call], desc: str, spread: bool = False) -> Iterator[tuple[int, object]]:
+        """Run `calls[i]()` -> (method, args) on free workers, in order; yield (i, result) as results come back.
 
-        self.results: dict[int, object] = {}
+        `calls[i]` may look at the results that are in (`self.results`) when it is sent. A task lost with its
+        worker goes to a fresh worker; finished results are kept. `spread`: each worker takes one call at most
+        (one call per worker, e.g. asking each for its memory)."""
+        self.results = {}
         queue = list(range(len(calls)))
         free = list(self.actors)
         pending: dict[object, tuple[int, object]] = {}
@@ -176,21 +280,22 @@ class WorkerPool:
             while queue or pending:
                 while queue and free:
                     index, actor = queue.pop(0), free.pop(0)
-                    pending[calls[index](actor)] = (index, actor)
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
+                    method, args = calls[index]()
+                    pending[self.backend.submit(actor, method, args)] = (index, actor)
+                for ref in self.backend.wait(list(pending)):
                     index, actor = pending.pop(ref)
                     try:
-                        self.results[index] = ray.get(ref)
-                    except RayActorError:  # the worker is gone for good: a fresh one takes the task
+                        self.results[index] = self.backend.get(ref)
+                    except WorkerLost:  # the worker is gone for good: a fresh one takes the task
                         replacement = self._new_actor()
                         self.actors[self.actors.index(actor)] = replacement
                         queue.insert(0, index)
                         free.append(replacement)
                         continue
-                    free.append(actor)
+                    if not spread:
+                        free.append(actor)
                     bar.update()
-        return [self.results[i] for i in range(len(calls))]
+                    yield index, self.results[index]
 
     def evaluator(self, windows: list, reuse: bool = True, abort: bool = True) -> PoolEvaluator:
         """A greedy search's loss evaluator whose rounds fan out over the workers."""
@@ -203,23 +308,18 @@ class PoolEvaluator:
     def __init__(self, pool: WorkerPool, windows: list, reuse: bool, abort: bool) -> None:
         import hashlib
 
-        import ray
-
         self.pool = pool
         self.reuse, self.abort = reuse, abort
         plain = [(list(w.ids), w.score_from) for w in windows]
         self.key = hashlib.sha256(repr(plain).encode()).hexdigest()[:16]
-        self.windows = ray.put(plain)
+        self.windows = pool.backend.put(plain)
         self.layer_forwards = 0
         self.plan: str | None = None
 
     def record(self, plan: Plan) -> float:
         """The current plan's loss (one worker records it now; the others when they first need it)."""
-        import ray
-
         self.plan = plan.to_text()
-        loss, forwards = ray.get(self.pool.actors[0].record.remote(self.key, self.windows, self.reuse, self.abort,
-                                                                   self.plan))
+        loss, forwards = self.pool.one("record", self.key, self.windows, self.reuse, self.abort, self.plan)
         self.layer_forwards += forwards
         return loss
 
@@ -231,10 +331,10 @@ class PoolEvaluator:
             known = [v for i, v in self.pool.results.items() if i < index and math.isfinite(v[0])]
             return min((v[0] for v in known), default=math.inf) if self.abort else math.inf
 
-        def call(index: int):
+        def call(index: int) -> Call:
             c = options[index]
-            return lambda actor: actor.loss.remote(self.key, self.windows, self.reuse, self.abort, self.plan,
-                                                   (c.key, c.plan.to_text(), c.first_change), threshold(index))
+            return lambda: ("loss", (self.key, self.windows, self.reuse, self.abort, self.plan,
+                                     (c.key, c.plan.to_text(), c.first_change), threshold(index)))
 
         self.pool.progress = progress
         for index, (loss, forwards) in enumerate(self.pool.run([call(i) for i in range(len(options))], desc)):
@@ -248,26 +348,38 @@ class PoolEvaluator:
         return scores
 
 
-def evaluate_plans(pool: WorkerPool, plans: list[Plan], settings: EvalSettings) -> dict:
-    """`evaluate.compare.evaluate_plans` with one task per plan; speed is timed afterwards on one worker alone."""
-    from .evaluate.compare import add_deltas
+class PoolMeasurer:
+    """`evaluate.compare.evaluate_with`'s measurer on a pool: one task per (plan, task), speed on one worker."""
 
-    spread = tuple(t for t in settings.tasks if t != "speed")
-    rows = [{"plan": p.to_text(), "steps": len(p.steps)} for p in plans]
-    if spread:
-        data = asdict(replace(settings, tasks=spread))
-        calls = [lambda actor, p=p: actor.evaluate.remote([p.to_text()], data) for p in plans]
-        for row, result in zip(rows, pool.run(calls, "plans"), strict=True):
-            row |= {k: v for k, v in result[0].items() if k != "delta"}
-    if "speed" in settings.tasks:
-        import ray
+    def __init__(self, pool: WorkerPool, settings: EvalSettings) -> None:
+        self.pool = pool
+        self.settings = asdict(settings)
 
-        data = asdict(replace(settings, tasks=("speed",)))
-        timed = ray.get(pool.actors[0].evaluate.remote([p.to_text() for p in plans], data))
-        for row, result in zip(rows, timed, strict=True):
-            row["speed"] = result["speed"]
-    add_deltas(rows, settings.confidence, settings.seed)
-    return {"settings": as_dict(settings), "tasks": list(settings.tasks), "rows": rows}
+    def fingerprint(self) -> str:
+        return self.pool.one("fingerprint")
+
+    def measure(self, items: list[tuple[Plan, str]]) -> Iterator[tuple[int, object]]:
+        calls = [task("measure", plan.to_text(), name, self.settings) for plan, name in items]
+        yield from self.pool.stream(calls, "evaluate")
+
+    def speeds(self, plans: list[Plan]) -> list[dict]:
+        return self.pool.one("speeds", [p.to_text() for p in plans], self.settings)
+
+
+def evaluate_plans(pool: WorkerPool, plans: list[Plan], settings: EvalSettings, store: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """`evaluate.compare.evaluate_plans` with one task per (plan, task); the same rows, the same result store."""
+    from .evaluate.compare import evaluate_with
+
+    pool.progress = progress
+    return evaluate_with(PoolMeasurer(pool, settings), plans, settings, store, progress)
+
+
+def similarity(pool: WorkerPool, text: str, ctx: int, windows: int, num_layers: int):
+    """`metrics.similarity.similarity` of the whole model, computed on a worker."""
+    from .metrics.similarity import Similarity
+
+    return Similarity.from_dict(pool.one("similarity", text, ctx, windows), num_layers)
 
 
 def gpu_share(spec: ModelSpec, settings: ParallelSettings) -> float:

@@ -18,6 +18,14 @@ where it stopped instead of starting over:
    from disk next to the source (bytes, perplexity; llama.cpp's too when installed) (`shipped.json`);
 7. report: `report.html` (self-contained) and `report.json` (analysis/report.py).
 
+One-shot pruning (`method` bi, angular or cosine; `run_one_shot`) is the short path for models too big
+to load: the scores, the plan they choose, and the export, in a run folder written whole or not at all
+(`scores.json`, `report.json`, the model). With `streamed` the scores are read one decoder layer at a
+time (`layerwise.py`) and a GGUF source's kept tensors are copied into the new file without being
+dequantized, so the whole model is never in memory; without it the model is loaded and scored as the
+full job scores it, and the export is the same copy. No evaluation and no recovery: both run the
+whole model (`layerlab eval --plans` and `layerlab heal` take the plan afterwards, where it fits).
+
 The run folder: a new (or empty) `out` is created with a manifest recording what produces the run
 (model fingerprint, settings, hashes of the texts); `resume=True` continues it only when all of these
 are the same (else an error names the difference). A run that fails or is interrupted keeps its
@@ -52,7 +60,9 @@ __all__ = ["QUICK_EVAL", "PruneSettings", "prune", "run_prune"]
 
 
 def run_prune(job: PruneJob, progress: bool = True) -> dict:
-    """The main job from settings: every check, then the model loads, then `prune`."""
+    """The main job from settings: every check, then the model loads, then `prune` (or `run_one_shot`)."""
+    if job.settings.method != "auto":
+        return run_one_shot(job, progress)
     info = job.model.inspect()
     settings = job.settings
     settings.check(info.num_layers)
@@ -115,6 +125,65 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
         }
         write_report(model, tokenizer, data, scores, work)
     return data
+
+
+def run_one_shot(job: PruneJob, progress: bool = True) -> dict:
+    """Score, choose by `settings.method`, export (see the module docstring); the report data is returned."""
+    from .export import output_format
+    from .export.files import staged_folder
+    from .jobs import peak_memory
+
+    info = job.model.inspect()
+    settings = job.settings
+    settings.check(info.num_layers)
+    source = job.model.source
+    if job.resume:
+        raise OutputError(f"--method {settings.method} runs in one step, so there is nothing to resume; drop --resume")
+    if settings.streamed and settings.export and output_format(source, settings.export_format) != "gguf":
+        raise OutputError("--streamed exports a GGUF source by copying its tensors; a Hugging Face folder is written "
+                          "from the loaded model: drop --streamed, or --no-export and export the plan later")
+    if settings.streamed and job.model.device == "auto":
+        raise OutputError("--streamed runs one layer at a time on one device; give --device cpu or cuda")
+    _check_out(Path(job.out), job, info)
+    check_windows(job.model, [("--calibration", settings.calibration, settings.calib_ctx)])
+    if settings.export:
+        _shipping_targets(source, Plan.identity(info.num_layers), Path(job.out), settings)
+    calibration = read_text(settings.calibration)
+    with staged_folder(job.out, job.force, kind="prune", run=_record(info, settings)) as staging:
+        with peak_memory(job.model) as peak:
+            scores, plan, shipped = _one_shot_work(job, calibration, staging, progress)
+        data = {"model": source, "settings": as_dict(settings), "plan": plan.to_text(), "chosen_by": settings.method,
+                "streamed": settings.streamed, "peak_memory_mb": peak.peak_mb, "scores": scores.to_dict(),
+                "shipped": [record | {"path": str(Path(job.out) / record["path"])} for record in shipped]}
+        (staging / "scores.json").write_text(json.dumps({"producer": "layerlab", **scores.to_dict()}, indent=1))
+        (staging / "report.json").write_text(json.dumps(data, indent=1, default=str))
+    return data
+
+
+def _one_shot_work(job: PruneJob, calibration: str, staging: Path, progress: bool) -> tuple[Similarity, Plan, list]:
+    """The scores (streamed, or of the loaded model), the plan they choose, and the export into `staging`."""
+    from .export import write_export
+
+    settings = job.settings
+    model = tokenizer = None
+    if settings.streamed:
+        from .metrics.similarity import similarity_streamed
+
+        scores = similarity_streamed(job.model.source, job.model.tokenizer(), calibration, ctx=settings.calib_ctx,
+                                     windows=settings.calib_windows, dtype=job.model.torch_dtype(),
+                                     device=job.model.device, progress=progress)
+    else:
+        model, tokenizer = job.model.load()
+        scores = similarity(model, tokenizer, calibration, ctx=settings.calib_ctx, windows=settings.calib_windows,
+                            progress=progress)
+    n_layers = scores.plan.num_layers
+    plan = one_shot(scores, settings.method, settings.removals(n_layers), settings.granularity)
+    if not settings.export:
+        return scores, plan, []
+    target = _shipping_targets(job.model.source, plan, staging, settings)["model"]
+    importance = [scores.block_influence[step.layer] for step in plan.steps]  # as the full job ranks layers
+    result = write_export(target, plan, model, tokenizer, changed=(), importance=importance)
+    return scores, plan, [{"name": "model", **result.to_dict(), "path": result.path.name, "card": result.card.name}]
 
 
 def _record(info: ModelInfo, settings: PruneSettings) -> dict:

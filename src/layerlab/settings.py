@@ -32,6 +32,7 @@ DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # a
 GRANULARITIES = ("layer", "attn", "mlp", "sublayer")
 ONE_SHOT_METHODS = ("bi", "angular", "cosine")  # implemented by search.one_shot
 SEARCH_METHODS = ("greedy", *ONE_SHOT_METHODS)
+PRUNE_METHODS = ("auto", *ONE_SHOT_METHODS)  # auto: the full job (greedy and one-shot compared)
 TOKEN_MODES = ("all", "last")  # which tokens the angular distance averages over
 EXPORT_FORMATS = ("hf", "gguf")  # None (the default): the source's format
 QUANT_CHOICES = ("source", *QUANT_TYPES)  # and HIGH/LOW@BUDGET mixed precision (layerlab.quant)
@@ -963,12 +964,17 @@ class SpeculateSettings:
     max_new_tokens: int = 64
     decoding: SpeculativeSettings = field(default_factory=SpeculativeSettings)
     search_text: str = "wikitext2-valid"
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # where 'auto' measures its candidates
 
     def __post_init__(self) -> None:
         _check_prompts((self.prompt,))
         _at_least(self.max_new_tokens, 1, "max_new_tokens")
+        if self.parallel.parallel and self.draft_plan != "auto":
+            raise SettingsError("--workers fans out the candidates of --draft-plan auto; with a given draft plan "
+                                "drop --workers / --ray-address")
 
     def check(self) -> None:
+        self.parallel.check()
         if self.draft_plan == "auto":
             check_text_source(self.search_text, "--search-text")
         else:
@@ -1050,9 +1056,17 @@ class PruneSettings:
     export: bool = True
     export_format: str | None = None  # None: the source's (EXPORT_FORMATS)
     quant: str = "source"  # layerlab.quant: source, a registry type or HIGH/LOW@BUDGET
+    method: str = "auto"  # auto: greedy and one-shot compared (the full job); a ONE_SHOT_METHODS name: that alone
+    streamed: bool = False  # one-shot: score one decoder layer at a time and copy the GGUF's tensors
 
     def __post_init__(self) -> None:
         check_shipping(self.export_format, self.quant)
+        _choose(self.method, PRUNE_METHODS, "--method")
+        if self.method != "auto":
+            self._check_one_shot()
+        elif self.streamed:
+            raise SettingsError("--streamed prunes by a one-shot method from scores read one layer at a time; the "
+                                "greedy search needs the whole model: add --method bi, angular or cosine")
         if sum(x is not None for x in (self.drop, self.layers, self.target_speedup)) > 1:
             raise SettingsError("give at most one of --drop, --layers or --target-speedup")
         _share(self.drop, "--drop")
@@ -1068,6 +1082,18 @@ class PruneSettings:
             raise SettingsError(f"--heal {self.recovery.method} patches whole removed layers, but --granularity "
                                 f"{self.granularity} may remove halves; use --granularity layer, or --heal auto, "
                                 "lora or kd")
+
+    def _check_one_shot(self) -> None:
+        """A one-shot prune scores, chooses and exports; evaluating and recovering need the whole model."""
+        if self.target_speedup is not None:
+            raise SettingsError(f"--method {self.method} removes a number of units; give --drop or --layers instead "
+                                "of --target-speedup (which needs the greedy search: --method auto)")
+        if self.recovery.method != "none":
+            raise SettingsError(f"--method {self.method} exports the plan its scores choose, with no evaluation or "
+                                "recovery (they load the whole model): add --heal none, or use --method auto")
+        if self.method in ("bi", "angular") and self.granularity != "layer":
+            raise SettingsError(f"--method {self.method} ranks whole layers; use --granularity layer, or --method "
+                                "cosine for halves")
 
     @property
     def heal(self) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -85,26 +86,60 @@ class ResultStore:
 def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, store: str | Path | None = None,
                    progress: bool = True) -> dict:
     """Run `settings.tasks` for every plan (the first is the baseline) and return the results as plain data."""
-    data = settings.check()
+    return evaluate_with(LocalMeasurer(model, tokenizer, settings, progress), plans, settings, store, progress)
+
+
+class LocalMeasurer:
+    """What `evaluate_with` needs measured, measured here on the loaded model, one (plan, task) after another.
+
+    `parallel.PoolMeasurer` is the same on worker processes; both call `measure` and `speed_rows`."""
+
+    def __init__(self, model, tokenizer, settings: EvalSettings, progress: bool = True) -> None:
+        self.model, self.tokenizer, self.settings, self.progress = model, tokenizer, settings, progress
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model, self.tokenizer)
+
+    def measure(self, items: list[tuple[Plan, str]]) -> Iterator[tuple[int, object]]:
+        data, text = task_inputs(self.settings) if items else ({}, None)
+        for index, (plan, task) in enumerate(items):
+            yield index, measure(self.model, self.tokenizer, plan, task, self.settings, data, text, self.progress)
+
+    def speeds(self, plans: list[Plan]) -> list[dict]:
+        return speed_rows(self.model, self.tokenizer, plans, self.settings)
+
+
+def task_inputs(settings: EvalSettings) -> tuple[dict[str, TaskData], str | None]:
+    """Every zero-shot task's rows (checked) and the perplexity text, as `measure` takes them."""
+    return settings.check(), read_text(settings.ppl_text) if "ppl" in settings.tasks else None
+
+
+def evaluate_with(measurer, plans: list[Plan], settings: EvalSettings, store: str | Path | None = None,
+                  progress: bool = True) -> dict:
+    """`evaluate_plans` with the measuring done by `measurer` (`LocalMeasurer`, or `parallel.PoolMeasurer`):
+    the (plan, task) results not in the store are measured (in any order), each saved as soon as it is in,
+    then summarized here in the plans' order, so the rows do not depend on who measured them."""
+    data, text = task_inputs(settings)
     results = ResultStore(store)
-    fingerprint = model_fingerprint(model, tokenizer)
-    text = read_text(settings.ppl_text) if "ppl" in settings.tasks else None
+    fingerprint = measurer.fingerprint()
     work = {task: _task_key(task, settings, data, text) for task in settings.tasks if task != "speed"}
     rows = [{"plan": plan.to_text(), "steps": len(plan.steps)} for plan in plans]
-    with tqdm(total=len(plans) * len(work), desc="evaluate", unit="task", disable=not progress) as bar:
-        for row, plan in zip(rows, plans, strict=True):
-            for task, task_key in work.items():
-                bar.set_postfix_str(f"{row['plan'][:30]}: {task}")
-                key = {"model": fingerprint, "plan": row["plan"], "task": task, **task_key}
-                value = results.get(key)
-                if value is None:
-                    value = _measure(model, tokenizer, plan, task, settings, data, text, progress)
-                    results.put(key, value)
-                if task in MEASURES:
-                    row[task] = value
-                else:
-                    row.setdefault("tasks", {})[task] = value
-                bar.update()
+    keys = [(row, plan, task, {"model": fingerprint, "plan": row["plan"], "task": task, **task_key})
+            for row, plan in zip(rows, plans, strict=True) for task, task_key in work.items()]
+    values = {i: value for i, (_, _, _, key) in enumerate(keys) if (value := results.get(key)) is not None}
+    missing = [i for i in range(len(keys)) if i not in values]
+    with tqdm(total=len(keys), initial=len(values), desc="evaluate", unit="task", disable=not progress) as bar:
+        for index, value in measurer.measure([keys[i][1:3] for i in missing]):
+            row, _, task, key = keys[missing[index]]
+            bar.set_postfix_str(f"{row['plan'][:30]}: {task}")
+            results.put(key, value)
+            values[missing[index]] = value
+            bar.update()
+    for i, (row, _, task, _) in enumerate(keys):
+        if task in MEASURES:
+            row[task] = values[i]
+        else:
+            row.setdefault("tasks", {})[task] = values[i]
     for row in rows:  # intervals come from the per-item (per-window) results, so a store never holds stale ones
         if "ppl" in row:
             estimate = stats.perplexity(row["ppl"]["per_window"]["nll"], row["ppl"]["per_window"]["tokens"],
@@ -115,11 +150,8 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, 
         if settings.zero_shot:
             row["average"] = _average(row, settings)
     if "speed" in settings.tasks:
-        speeds = measure_plans(model, tokenizer, plans, read_text("wikitext2-test")[:20000],
-                               settings.speed_prompt_tokens, settings.speed_decode_tokens,
-                               Rounds(settings.speed_rounds, settings.speed_max_rounds, settings.speed_max_spread))
-        for row, speed in zip(rows, speeds, strict=True):
-            row["speed"] = speed.to_dict()
+        for row, speed in zip(rows, measurer.speeds(plans), strict=True):
+            row["speed"] = speed
     add_deltas(rows, settings.confidence, settings.seed)
     if progress and (results.reused or results.recomputed):
         tqdm.write(f"resumed: {len(results.reused)} results reused from {store}"
@@ -127,6 +159,14 @@ def evaluate_plans(model, tokenizer, plans: list[Plan], settings: EvalSettings, 
     return {"settings": as_dict(settings), "tasks": list(settings.tasks), "fingerprint": fingerprint,
             "data": {name: d.key() for name, d in data.items()}, "rows": rows,
             "resumed": {"reused": results.reused, "recomputed": results.recomputed}}
+
+
+def speed_rows(model, tokenizer, plans: list[Plan], settings: EvalSettings) -> list[dict]:
+    """The plans' decoding speeds, timed side by side in interleaved rounds (never stored: see the docstring)."""
+    speeds = measure_plans(model, tokenizer, plans, read_text("wikitext2-test")[:20000],
+                           settings.speed_prompt_tokens, settings.speed_decode_tokens,
+                           Rounds(settings.speed_rounds, settings.speed_max_rounds, settings.speed_max_spread))
+    return [speed.to_dict() for speed in speeds]
 
 
 def _task_key(task: str, settings: EvalSettings, data: dict[str, TaskData], text: str | None) -> dict:
@@ -139,7 +179,7 @@ def _task_key(task: str, settings: EvalSettings, data: dict[str, TaskData], text
     return {"prompts": list(settings.prompts), "max_new_tokens": settings.max_new_tokens}  # samples
 
 
-def _measure(model, tokenizer, plan: Plan, task: str, settings: EvalSettings, data: dict[str, TaskData],
+def measure(model, tokenizer, plan: Plan, task: str, settings: EvalSettings, data: dict[str, TaskData],
              text: str | None, progress: bool = True):
     """One task under one plan, as plain data (per-item results for zero-shot tasks)."""
     if task == "samples":  # generate() applies the plan itself

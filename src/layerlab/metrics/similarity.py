@@ -47,6 +47,12 @@ class Similarity:
                 "block_influence": self.block_influence, "attention_importance": self.attention_importance,
                 "mlp_importance": self.mlp_importance, "angular_distance": self.angular}
 
+    @classmethod
+    def from_dict(cls, data: dict, num_layers: int) -> Similarity:
+        """`to_dict`'s data back (scores computed elsewhere, e.g. on a worker: `parallel.similarity`)."""
+        return cls(Plan.parse(data["plan"], num_layers), data["block_influence"], data["attention_importance"],
+                   data["mlp_importance"], data["angular_distance"], data["tokens"])
+
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=-1)
