@@ -15,7 +15,7 @@ from layerlab.cli import main
 from layerlab.errors import SettingsError
 from layerlab.settings import ExportSettings, ModelSpec, PruneSettings, RecoverSettings, SearchSettings
 
-ARGS = ["--layers", "2", "--method", "bi", "--heal", "none", "--ctx", "32", "--windows", "2"]
+ARGS = ["--layers", "2", "--method", "bi", "--ctx", "32", "--windows", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ def test_streamed_prune_is_the_in_memory_prune_byte_for_byte(gguf, tmp_path, mon
 def test_one_shot_prune_refuses_what_needs_the_whole_model():
     with pytest.raises(SettingsError, match="--method bi"):
         PruneSettings(streamed=True)
-    with pytest.raises(SettingsError, match="--heal none"):
-        PruneSettings(method="bi")
+    with pytest.raises(SettingsError, match="drop --heal lora"):
+        PruneSettings(method="bi", recovery=RecoverSettings(method="lora"))
+    assert PruneSettings(method="bi").heal == "auto"  # the default: nothing to recover on this path
     with pytest.raises(SettingsError, match="--drop or --layers"):
         PruneSettings(method="cosine", target_speedup=1.2, recovery=RecoverSettings(method="none"))
     with pytest.raises(SettingsError, match="--granularity layer"):

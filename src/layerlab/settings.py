@@ -1088,9 +1088,10 @@ class PruneSettings:
         if self.target_speedup is not None:
             raise SettingsError(f"--method {self.method} removes a number of units; give --drop or --layers instead "
                                 "of --target-speedup (which needs the greedy search: --method auto)")
-        if self.recovery.method != "none":
+        if self.recovery.method not in ("none", "auto"):  # auto (the default) recovers only where it can
             raise SettingsError(f"--method {self.method} exports the plan its scores choose, with no evaluation or "
-                                "recovery (they load the whole model): add --heal none, or use --method auto")
+                                f"recovery (they load the whole model): drop --heal {self.recovery.method}, or use "
+                                "--method auto")
         if self.method in ("bi", "angular") and self.granularity != "layer":
             raise SettingsError(f"--method {self.method} ranks whole layers; use --granularity layer, or --method "
                                 "cosine for halves")
