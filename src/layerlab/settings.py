@@ -321,12 +321,19 @@ class KVSearchSettings:
 
 
 def check_kv_types(plan: Plan, layer_types: tuple[str, ...]) -> None:
-    """Refuse KV pairs whose layers differ in attention type: Gemma 3's sliding and global layers have
-    different masks and rotary embeddings. Runs on the config's `layer_types`, so before any model loads."""
+    """Refuse KV pairs whose layers differ in attention type (Gemma 3's sliding and global layers have
+    different masks and rotary embeddings), and merged pairs that are not both full attention. Runs on the
+    config's `layer_types`, so before any model loads."""
     for consumer, source in plan.kv if len(layer_types) == plan.num_layers else ():
         if layer_types[consumer] != layer_types[source]:
             raise PlanError(f"kv pair {consumer}<-{source}: layer {consumer} is {layer_types[consumer]} but "
                             f"layer {source} is {layer_types[source]}; pair layers of the same attention type")
+    for first, second, _ in plan.merge if len(layer_types) == plan.num_layers else ():
+        kinds = {layer_types[first], layer_types[second]}
+        if kinds != {"full_attention"}:
+            raise PlanError(f"kvmerge pair {first}+{second}: layer {first} is {layer_types[first]} and layer {second} "
+                            f"is {layer_types[second]}; only two full-attention layers merge (sliding-window "
+                            "layers are not supported)")
 
 
 @dataclass(frozen=True)
