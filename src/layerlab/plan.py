@@ -275,11 +275,11 @@ class Plan:
 
     # ----------------------------------------------------------------------------------- KV sources
     def with_kv(self, pairs: Iterable[tuple[int, int]]) -> Plan:
-        """The same steps and merges with this KV-source map (consumer layer, source layer) instead of the current one."""
+        """The same steps and merges with this KV-source map (consumer layer, source layer) instead of the current."""
         return Plan(self.steps, self.num_layers, tuple(pairs), self.merge)
 
     def with_merge(self, pairs: Iterable[tuple[int, int, float]]) -> Plan:
-        """The same steps and KV sources with these merged pairs (layer A, A+1, max angle) instead of the current ones."""
+        """The same steps and KV sources with these merged pairs (layer A, A+1, max angle) instead of the current."""
         return Plan(self.steps, self.num_layers, self.kv, tuple(pairs))
 
     def without_kv(self) -> Plan:
@@ -716,7 +716,8 @@ def _checked_merge(pairs: Iterable[tuple[int, int, float]], steps: tuple[Step, .
         runs = [[i for i, s in enumerate(steps) if s.layer == layer] for layer in (first, second)]
         for layer, found in zip((first, second), runs, strict=True):
             if len(found) != 1:
-                raise PlanError(f"{name}: layer {layer} must run exactly once, but the plan runs it {len(found)} times")
+                raise PlanError(f"{name}: layer {layer} must run exactly once, but the plan runs it "
+                                f"{len(found)} times")
             if not steps[found[0]].attention:
                 raise PlanError(f"{name}: layer {layer} runs without attention, so it has no cache to merge")
             if layer in consumers:
