@@ -706,7 +706,8 @@ def _checked_merge(pairs: Iterable[tuple[int, int, float]], steps: tuple[Step, .
         if second != first + 1:
             raise PlanError(f"{name}: merged layers must be adjacent (A+{first + 1}); MiniCache merges neighbours")
         if not 0 <= first < second < num_layers:
-            raise PlanError(f"{name} names layer {max(first, second) if first >= 0 else first}, but the model has {num_layers} layers (0-{num_layers - 1})")
+            bad = first if first < 0 else second
+            raise PlanError(f"{name} names layer {bad}, but the model has {num_layers} layers (0-{num_layers - 1})")
         if not 0 <= angle <= 180:
             raise PlanError(f"{name}@{angle:g}: the angle is in degrees, 0 to 180")
         if seen & {first, second}:
