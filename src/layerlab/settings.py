@@ -311,9 +311,17 @@ class KVSearchSettings:
     ctx: int = 256
     windows: int = 4
     reuse: bool = True
+    merge: bool = False  # then also try MiniCache-style merges of adjacent layers from the middle down
+    merge_angle: float | None = None  # their largest merging angle in degrees (None: the plan's default)
+    chunk: int = 32  # merges act across forwards: their calibration loss is fed in chunks of this many tokens
 
     def __post_init__(self) -> None:
         _share(self.budget, "the KV budget (share of the attention layers that read another layer's KV)")
+        if self.merge_angle is not None and not 0 <= self.merge_angle <= 180:
+            raise SettingsError(f"--merge-angle is in degrees, 0 to 180, got {self.merge_angle}")
+        if self.merge_angle is not None and not self.merge:
+            raise SettingsError("--merge-angle sets the angle of --kv-merge; add --kv-merge")
+        _at_least(self.chunk, 1, "chunk")
         _at_least(self.tolerance, 0, "the tolerance (share of calibration perplexity)")
         _choose(self.order, KV_ORDERS, "pair order")
         _at_least(self.ctx, 2, "ctx")
