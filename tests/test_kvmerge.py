@@ -163,3 +163,17 @@ def test_mismatched_head_shapes_and_sliding_layers_are_refused():
     for text in ("kvmerge:1+2", "kvmerge:3+4"):
         with pytest.raises(PlanError, match="only two full-attention layers merge"):
             apply_plan(gemma, Plan.parse(text, 6))
+
+
+def test_exports_refuse_merges_before_any_work(tmp_path):
+    from layerlab.export import prepare_export
+    from layerlab.export.hf import planned_config
+    from layerlab.settings import ExportSettings, ModelSpec
+
+    plan = Plan.parse("kvmerge:20+21", 30)
+    settings = ExportSettings(model=ModelSpec("smollm2-135m"), plan="kvmerge:20+21", out=str(tmp_path / "out"))
+    with pytest.raises(PlanError, match="an export cannot carry KV merges"):
+        prepare_export(settings, plan)
+    with pytest.raises(PlanError, match="cannot carry KV merges"):
+        planned_config(tiny_model("llama"), Plan.parse("kvmerge:2+3", 6))
+    assert not list(tmp_path.iterdir())

@@ -296,6 +296,12 @@ class Plan:
             clauses = (_format_kv(self.kv) + _format_merge(self.merge))[2:]
             raise PlanError(f"{form} cannot express KV sharing ({clauses}); use the text or JSON form")
 
+    def refuse_merge(self, what: str) -> None:
+        """A one-line error for writers that cannot carry `kvmerge:` pairs (exports)."""
+        if self.merge:
+            raise PlanError(f"{what} cannot carry KV merges ({_format_merge(self.merge)[2:]}) yet; run them with "
+                            "apply_plan, or drop the kvmerge: clause")
+
     def __str__(self) -> str:
         return self.to_text()
 
