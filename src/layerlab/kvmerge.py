@@ -17,7 +17,8 @@ values of earlier tokens and over its own new tokens exactly, for both layers: t
 do otherwise (its partner's keys for the new tokens do not exist yet), and treating both layers
 alike keeps the rule simple. So a prompt's prefill is exact, as in MiniCache, and decoding token by
 token attends over merged history; a perplexity fed in chunks of N tokens sees each chunk's own
-tokens exactly (see `evaluate.perplexity`-style chunked scoring in `kvcache.chunked_perplexity`).
+tokens exactly (`evaluate.perplexity.chunked_window_nll`), and a one-forward score (the usual
+perplexity, multiple choice) does not see the merge at all.
 
 Every step restores the whole history of the pair (work proportional to the context, like the
 quantized caches' dequantization). Sliding-window layers are not merged (refused by the plan check).
