@@ -177,3 +177,20 @@ def test_exports_refuse_merges_before_any_work(tmp_path):
     with pytest.raises(PlanError, match="cannot carry KV merges"):
         planned_config(tiny_model("llama"), Plan.parse("kvmerge:2+3", 6))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_a_merge_plan_generates_on_smollm2_and_its_cache_is_smaller(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
+    plan = Plan.parse("kvmerge:20+21,22+23", 30)
+    caches = []
+    for applied in (plan.without_kv(), plan):
+        with apply_plan(model, applied):
+            caches.append(DynamicCache(config=model.config))
+            model(prompt, cache=caches[-1], use_cache=True)
+    with apply_plan(model, plan):
+        tokens = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert cache_bytes(caches[1]) < cache_bytes(caches[0]) and tokens.shape[1] == prompt.shape[1] + 6
+    assert isinstance(caches[1].layers[20], MergedFirstLayer) and caches[1].get_seq_length() == prompt.shape[1]
