@@ -18,7 +18,8 @@
 4. With `merge`, MiniCache-style merges (`kvmerge:`) of adjacent layers from the middle layer down
    are tried after the sharing pairs, most saving first: a merge saves the share of the pair's
    token-heads whose two directions lie within the angle (measured on the recording), which counts
-   towards the budget in layers. A merge acts only across forwards (a forward's own tokens are
+   towards the budget in layers (a slight overcount: a kept outlier costs a few numbers more than an
+   unmerged pair). A merge acts only across forwards (a forward's own tokens are
    exact), so its calibration loss feeds each window in chunks of `chunk` tokens through the whole
    plan: the single-pass recording cannot be reused for it.
 
