@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -144,3 +145,65 @@ def manual_kv_logits(model, ids: torch.Tensor, plan: Plan, stored=None) -> torch
     logits = model.lm_head(model.model.norm(h))
     cap = getattr(config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def slerp_restore(first: torch.Tensor, second: torch.Tensor, max_angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniCache by its definition, in float64: each vector's norm times the SLERP (t = 1/2) of both unit vectors,
+    except token-heads more than `max_angle` degrees apart, which stay as they are."""
+    a, b = first.double(), second.double()
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    theta = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1, 1))
+    shared = (torch.sin(theta / 2) * ua + torch.sin(theta / 2) * ub) / torch.sin(theta)
+    keep = theta > math.radians(max_angle)
+    out = (torch.where(keep, a, na * shared), torch.where(keep, b, nb * shared))
+    return tuple(x.to(first.dtype) for x in out)
+
+
+@torch.no_grad()
+def manual_chunked_logits(model, ids: torch.Tensor, plan: Plan, chunks: list[int]) -> torch.Tensor:
+    """Logits of a Llama-layout model fed in chunks of these lengths, attention written out by hand.
+
+    Every step attends over what its cache gives back for earlier chunks and over its own keys and values
+    of the current chunk; a kv consumer over its source's. After each chunk, merged pairs (`kvmerge:`)
+    give back `slerp_restore` of their two layers' keys and values, others their exact ones."""
+    base = model.model
+    batch = ids.shape[0]
+    sources = plan.kv_source_steps
+    where = {s.layer: i for i, s in enumerate(plan.steps)}
+    pairs = [(where[a], where[b], angle) for a, b, angle in plan.merge]
+    past: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out, start = [], 0
+    for length in chunks:
+        h = base.embed_tokens(ids[:, start:start + length])
+        cos, sin = base.rotary_emb(h, torch.arange(start, start + length)[None])
+        allowed = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
+        mask = torch.where(allowed, 0.0, torch.finfo(h.dtype).min)[None, None]
+        new, used = {}, {}
+        for i, step in enumerate(plan.steps):
+            layer = base.layers[step.layer]
+            if step.attention:
+                att = layer.self_attn
+                x = layer.input_layernorm(h)
+                heads = functools.partial(_heads, shape=(batch, length, -1, att.head_dim))
+                q = _rotate(heads(att.q_proj(x)), cos, sin)
+                if sources[i] is None:
+                    new[i] = (_rotate(heads(att.k_proj(x)), cos, sin), heads(att.v_proj(x)))
+                    used[i] = tuple(torch.cat([p, n], dim=-2) for p, n in zip(past[i], new[i], strict=True)) \
+                        if i in past else new[i]
+                k, v = used[i if sources[i] is None else sources[i]]
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+                scores = q @ k.transpose(-1, -2) * att.scaling + mask
+                h = h + att.o_proj((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, length, -1))
+            if step.mlp:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        stored = dict(new)
+        for first, second, angle in pairs:
+            (ka, kb), (va, vb) = (slerp_restore(new[first][n], new[second][n], angle) for n in (0, 1))
+            stored[first], stored[second] = (ka, va), (kb, vb)
+        for i, kv in stored.items():
+            past[i] = tuple(torch.cat([p, n], dim=-2) for p, n in zip(past[i], kv, strict=True)) if i in past else kv
+        out.append(model.lm_head(base.norm(h)))
+        start += length
+    return torch.cat(out, dim=1)

@@ -110,3 +110,69 @@ def test_search_kv_and_eval_kv_cache_from_the_command_line(tiny_folder, tmp_path
     assert [r["kv_cache"] for r in results] == ["full", "int8"]
     ppl = [[row["ppl"]["perplexity"] for row in r["rows"]] for r in results]
     assert ppl[0] != ppl[1] and all(abs(a / b - 1) < 0.05 for a, b in zip(*ppl, strict=True))  # int8 is close
+
+
+@torch.inference_mode()
+def chunked_perplexity_by_hand(model, tokenizer, plan, settings):
+    """Each calibration window fed `settings.chunk` tokens at a time on one cache; NLL summed from the logits."""
+    from transformers import DynamicCache
+
+    windows = calibration_windows(tokenizer, TEXT, settings.ctx, settings.windows)
+    total = 0.0
+    with apply_plan(model, plan):
+        for window in windows:
+            ids, cache = torch.tensor([window.ids]), DynamicCache(config=model.config)
+            logits = torch.cat([model(ids[:, i:i + settings.chunk], cache=cache, use_cache=True).logits
+                                for i in range(0, ids.shape[1], settings.chunk)], dim=1)
+            logp = torch.log_softmax(logits[0, :-1].double(), -1)
+            targets = ids[0, 1:]
+            total -= float(logp[torch.arange(len(targets)), targets][window.score_from - 1:].sum())
+    return math.exp(total / scored_tokens(windows))
+
+
+def test_kv_merge_tries_adjacent_deep_pairs_by_their_measured_saving(tiny, tmp_path):
+    from transformers import DynamicCache
+
+    model, tokenizer = tiny
+    settings = KVSearchSettings(budget=0.5, tolerance=10.0, order="similar", ctx=32, windows=2, merge=True,
+                                merge_angle=80.0, chunk=8)
+    path = tmp_path / "kv.json"
+    state = search_kv(model, tokenizer, TEXT, settings, state_path=path, max_tries=0, progress=False)
+    shares = state.trace[0]["merge_shares"]
+    assert set(shares) == {"3+4", "4+5"}  # from the middle layer down
+    windows = calibration_windows(tokenizer, TEXT, settings.ctx, settings.windows)
+    for key, share in shares.items():  # the share of token-heads within 80 degrees, from a plain cache
+        a, b = (int(x) for x in key.split("+"))
+        cosines = []
+        for window in windows:
+            cache = DynamicCache(config=model.config)
+            model(torch.tensor([window.ids]), cache=cache, use_cache=True)
+            cosines += [torch.nn.functional.cosine_similarity(getattr(cache.layers[a], t), getattr(cache.layers[b], t),
+                                                              dim=-1).flatten() for t in ("keys", "values")]
+        assert share == pytest.approx(float((torch.cat(cosines) >= math.cos(math.radians(80))).float().mean()))
+    merges = sorted((k for k in shares if shares[k] > 0), key=lambda k: -shares[k])
+    assert state.ranking[-len(merges):] == merges and len(state.ranking) == 15 + len(merges)
+    saved = json.loads(path.read_text())  # as if every sharing pair had been refused: the merges come next
+    saved["ranking"] = merges
+    path.write_text(json.dumps(saved))
+    state = search_kv(model, tokenizer, TEXT, settings, state_path=path, resume=True, progress=False)
+    start = state.trace[0]["start_perplexity"]
+    tried = [entry for entry in state.trace[1:] if "kv" in entry]
+    assert tried and Plan.from_dict(state.plan, 6).merge
+    for entry in tried:  # the chunked calibration loss of the whole plan
+        plan = Plan.parse(entry["kv"], 6)
+        assert plan.merge[-1][2] == 80.0
+        assert entry["perplexity"] == pytest.approx(chunked_perplexity_by_hand(model, tokenizer, plan, settings),
+                                                    rel=1e-5)
+        assert entry["accepted"] == (entry["perplexity"] <= start * 11)
+    assert sum(shares[f"{a}+{b}"] for a, b, _ in Plan.from_dict(state.plan, 6).merge) <= 3
+
+
+def test_kv_merge_settings_are_checked():
+    with pytest.raises(LayerlabError, match="add --kv-merge"):
+        KVSearchSettings(merge_angle=45.0)
+    with pytest.raises(LayerlabError, match="0 to 180"):
+        KVSearchSettings(merge=True, merge_angle=200.0)
+    from layerlab.cli import main
+
+    assert main(["search", "-m", "smollm2-135m", "--kv-merge"]) == 2  # refused before any model loads

@@ -442,18 +442,25 @@ def analyze(source, dtype, device, trust_remote_code, plans, prompt, out, force,
 @click.option("--order", type=click.Choice(KV_ORDERS), default=KVSearchSettings.order, show_default=True,
               help="--kv: order pairs are tried in (cache distance, or each pair's measured loss).")
 @click.option("--start", help="--kv: plan (text or file) the map is searched on top of.")
+@click.option("--kv-merge", is_flag=True, help="--kv: then try MiniCache-style merges of adjacent layers (kvmerge:) "
+              "from the middle layer down.")
+@click.option("--merge-angle", type=float, help="--kv-merge: token-heads whose two layers' directions are further "
+              "apart (degrees) stay unmerged [default: the plan's, 90].")
 @click.option("--streamed", is_flag=True, help="One-shot methods: score one decoder layer at a time.")
 @parallel_options
 def search(source, dtype, device, trust_remote_code, remove, fraction, target_speedup, method, granularity, text,
            ctx, windows, keep, state_path, resume, force, streamed, workers, ray_address, worker_threads, kv, tolerance,
-           order, start) -> None:
+           order, start, kv_merge, merge_angle) -> None:
     """Find a plan that removes layers or sublayers (one-shot by a metric, or greedy by perplexity), or with
     --kv a map of layers that read an earlier layer's keys and values."""
     from rich.table import Table
 
     from . import jobs
 
-    kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows) if kv else None
+    if (kv_merge or merge_angle is not None) and not kv:
+        raise SettingsError("--kv-merge and --merge-angle belong to a KV search; add --kv")
+    kv_settings = KVSearchSettings(fraction or KVSearchSettings.budget, tolerance, order, ctx, windows,
+                                   merge=kv_merge, merge_angle=merge_angle) if kv else None
     settings = SearchSettings(_spec(source, dtype, device, trust_remote_code), remove, None if kv else fraction,
                               target_speedup, method, granularity, text, ctx, windows, keep, state_path, resume, force,
                               ParallelSettings(workers, ray_address, worker_threads), streamed, kv_settings, start)
@@ -485,7 +492,9 @@ def _print_kv_search(found) -> None:
     for entry in accepted_pairs(found.state):
         table.add_row(entry["pair"], f"{entry['perplexity']:.3f}", str(entry["layer_forwards"]))
     _print(table)
-    _print(f"plan: {found.plan.to_text()}   ({len(found.plan.kv)} layers read another layer's keys and values)")
+    merges = f", {len(found.plan.merge)} pairs keep one merged cache" if found.plan.merge else ""
+    _print(f"plan: {found.plan.to_text()}   ({len(found.plan.kv)} layers read another layer's keys and values"
+           f"{merges})")
 
 
 @cli.command()

@@ -137,13 +137,13 @@ def check_kv(model: nn.Module, plan: Plan) -> None:
     check_kv_types(plan, tuple(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()))
     for consumer, source in plan.kv:
         name = f"kv pair {consumer}<-{source}"
-        shapes = [_attention_shapes(layers[i]._modules[arch.attention]) for i in (consumer, source)]
+        shapes = [attention_shapes(layers[i]._modules[arch.attention]) for i in (consumer, source)]
         if shapes[0] != shapes[1]:
             raise PlanError(f"{name}: the layers' attention shapes differ ({shapes[0]} vs {shapes[1]}); "
                             "pair layers whose key/value heads have the same shape")
 
 
-def _attention_shapes(attention: nn.Module) -> dict[str, Any]:
+def attention_shapes(attention: nn.Module) -> dict[str, Any]:
     """Head dimension and every parameter shape of an attention module (what sharing needs to match)."""
     shapes: dict[str, Any] = {"head_dim": getattr(attention, "head_dim", None)}
     return shapes | {name: tuple(p.shape) for name, p in attention.named_parameters()}

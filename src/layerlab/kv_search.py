@@ -15,6 +15,13 @@
    and layers reading the new consumer move to its source (KVSharer's re-map), so there are no chains.
 3. It stops once `budget` (a share of the plan's attention layers) consumers are accepted, or the
    pairs run out.
+4. With `merge`, MiniCache-style merges (`kvmerge:`) of adjacent layers from the middle layer down
+   are tried after the sharing pairs, most saving first: a merge saves the share of the pair's
+   token-heads whose two directions lie within the angle (measured on the recording), which counts
+   towards the budget in layers (a slight overcount: a kept outlier costs a few numbers more than an
+   unmerged pair). A merge acts only across forwards (a forward's own tokens are
+   exact), so its calibration loss feeds each window in chunks of `chunk` tokens through the whole
+   plan: the single-pass recording cannot be reused for it.
 
 The greedy search's machinery is reused: calibration windows, `SearchState` (saved after every
 try; `resume=True` continues and checks the settings), and prefix reuse: a candidate first differs
@@ -37,9 +44,10 @@ from tqdm.auto import tqdm
 
 from .arch import arch_of, decoder_layers
 from .errors import LayerlabError, PlanError
-from .evaluate.perplexity import calibration_windows, scored_tokens, window_nll
+from .evaluate.perplexity import calibration_windows, chunked_window_nll, scored_tokens, window_nll
 from .kv import KVChannel, check_kv, wire
-from .plan import Plan
+from .kvmerge import check_merge
+from .plan import DEFAULT_MERGE_ANGLE, Plan
 from .runtime import apply_plan
 from .search import SearchState, resumable_state
 from .settings import KVSearchSettings
@@ -124,6 +132,33 @@ class KVRecorder:
                     return math.inf
         return total
 
+    @torch.inference_mode()
+    def chunked_loss(self, plan: Plan, chunk: int, abort_above: float = math.inf) -> float:
+        """`plan`'s summed NLL, every step run, each window fed in chunks of `chunk` tokens on one cache."""
+        total = 0.0
+        with apply_plan(self.model, plan):
+            for window in self.windows:
+                total += chunked_window_nll(self.model, window, chunk)[0]
+                self.layer_forwards += len(plan.steps)
+                if total > abort_above:
+                    return math.inf
+        return total
+
+    def merge_shares(self, plan: Plan, angle: float) -> dict[str, float]:
+        """Adjacent pairs from the middle layer down (MiniCache) that may merge, each with the share of its
+        token-heads (keys and values, all windows) within `angle` degrees on the recording: what it saves."""
+        where = {s.layer: i for i, s in enumerate(plan.steps) if s.attention}
+        out = {}
+        for first in range(plan.num_layers // 2, plan.num_layers - 1):
+            try:
+                check_merge(self.model, plan.with_merge(((first, first + 1, angle),)))
+            except PlanError:
+                continue  # not both run once with attention, or different shapes or attention types
+            cosines = torch.cat([torch.nn.functional.cosine_similarity(
+                kv[where[first]][i], kv[where[first + 1]][i], dim=-1).flatten() for kv in self.kv for i in (0, 1)])
+            out[f"{first}+{first + 1}"] = float((cosines >= math.cos(math.radians(angle))).float().mean())
+        return out
+
     def distances(self, plan: Plan) -> list[tuple[float, int, int]]:
         """(distance, consumer layer, source layer) for every pair of steps that may share (recorded plan)."""
         averages = {step: tuple(torch.stack([kv[step][i][0] for kv in self.kv]).mean(0) for i in (0, 1))
@@ -173,8 +208,15 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
     if not state.trace:
         state.trace = [{"start_perplexity": math.exp(start_loss / tokens),
                         "distances": {f"{c}<-{s}": d for d, c, s in evaluator.distances(start)}}]
+    angle = DEFAULT_MERGE_ANGLE if settings.merge_angle is None else settings.merge_angle
     if not state.ranking:
         state.ranking = _ranking(evaluator, start, state, settings.order, limit, tokens, state_path, progress)
+        if settings.merge:
+            shares = state.trace[0]["merge_shares"] = evaluator.merge_shares(start, angle)
+            state.ranking += sorted((key for key in shares if shares[key] > 0), key=lambda key: -shares[key])
+        if state_path:
+            state.save(state_path)
+    shares = state.trace[0].get("merge_shares", {})
     plan = Plan.from_dict(state.plan, n_layers)
     if plan.kv:
         evaluator.record(plan)
@@ -182,11 +224,22 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
     tried = len(state.trace) - 1
     bar = tqdm(total=len(state.ranking), initial=tried, desc="kv pairs", unit="pair", disable=not progress)
     for here, key in enumerate(state.ranking[tried:]):
-        if len(plan.kv) >= allowed or (max_tries is not None and here >= max_tries):
+        if kv_saved(plan, shares) >= allowed or (max_tries is not None and here >= max_tries):
             break
-        consumer, source = (int(x) for x in key.split("<-"))
         entry = {"pair": key, "accepted": False}
-        if consumer not in dict(plan.kv):
+        if "+" in key:
+            candidate, why = _merge_candidate(plan, key, angle, shares, allowed)
+            if candidate is None:
+                entry["skipped"] = why
+            else:
+                loss = evaluator.chunked_loss(candidate, settings.chunk, limit)
+                entry |= {"kv": candidate.to_text(), "accepted": loss <= limit,
+                          "perplexity": math.exp(loss / tokens) if loss < math.inf else None}
+                if entry["accepted"]:
+                    plan = candidate
+                    state.plan = plan.to_dict()
+        elif (consumer := int(key.split("<-")[0])) not in dict(plan.kv):
+            source = int(key.split("<-")[1])
             candidate = plan.with_kv(merged(plan.kv, consumer, source))
             first = next(i for i, (a, b) in enumerate(zip(candidate.kv_source_steps, plan.kv_source_steps,
                                                            strict=True)) if a != b)
@@ -207,6 +260,23 @@ def search_kv(model, tokenizer, text: str, settings: KVSearchSettings, start: Pl
         bar.update(1)
     bar.close()
     return state
+
+
+def kv_saved(plan: Plan, shares: dict[str, float]) -> float:
+    """KV memory a map saves, in layers: one per consumer, and each merge's measured share of a layer."""
+    return len(plan.kv) + sum(shares.get(f"{a}+{b}", 1.0) for a, b, _ in plan.merge)
+
+
+def _merge_candidate(plan: Plan, key: str, angle: float, shares: dict[str, float],
+                     allowed: int) -> tuple[Plan | None, str]:
+    """`plan` with the merge `key` added, or None and why it cannot be tried."""
+    if kv_saved(plan, shares) + shares[key] > allowed + 1e-9:
+        return None, "over the budget"
+    first, second = (int(x) for x in key.split("+"))
+    try:
+        return plan.with_merge(plan.merge + ((first, second, angle),)), ""
+    except PlanError as error:
+        return None, str(error)
 
 
 def _ranking(evaluator: KVRecorder, start: Plan, state: SearchState, order: str, limit: float, tokens: int,

@@ -48,7 +48,7 @@ from transformers.cache_utils import (
 
 from .arch import arch_of, get_path
 from .errors import LayerlabError
-from .evaluate.perplexity import PerplexityResult, bos_id, encode_text, logits_nll, make_windows
+from .evaluate.perplexity import PerplexityResult, bos_id, chunked_window_nll, encode_text, make_windows
 from .runtime import EmptySlot, cache_argument
 from .settings import CacheSettings
 
@@ -245,10 +245,6 @@ def chunked_perplexity(model, tokenizer, text: str, ctx: int = 2048, chunk: int 
         raise LayerlabError(f"the text is shorter than one window of {ctx} tokens")
     total, count = 0.0, 0
     for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress, leave=False):
-        ids = torch.tensor([window.ids], device=model.device)
-        cache = DynamicCache(config=model.config)  # a fresh one: kv_cache() gives it its type
-        logits = torch.cat([model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True).logits
-                            for start in range(0, ids.shape[1], chunk)], dim=1)
-        nll, n = logits_nll(logits[:, :-1], [window], 1)
+        nll, n = chunked_window_nll(model, window, chunk)
         total, count = total + nll, count + n
     return PerplexityResult(math.exp(total / count), total / count, count, len(windows))

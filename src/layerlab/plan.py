@@ -12,6 +12,7 @@ It is parsed from, and printed back to, several forms (each round-trips through 
     `mlp-skip:6,9`             run only the attention half of these layers
     `0-9,3.attn,10-29`         `.attn` / `.mlp` after an item keeps only that half for those steps
     `kv:19<-18,21-23<-20`      KV sharing: layer 19 attends over layer 18's keys and values (see below)
+    `kvmerge:20+21,22+23@45`   MiniCache-style merged cache of adjacent layers (see below)
   Clauses combine: `skip:24-26; attn-skip:3,5,6; mlp-skip:6,9`.
 - KV sources (`kv:` clause, `Plan.kv`): a consumer layer computes only its queries and attends over the
   keys and values of a source layer, writing no cache of its own. The map is by layer; each step of a
@@ -19,6 +20,11 @@ It is parsed from, and printed back to, several forms (each round-trips through 
   of 19 reads the later copy of 18). The source must run earlier with its attention, a consumer must
   run attention in every step, and a source cannot itself be a consumer (write `20<-18`, not a chain).
   JSON and YAML carry it as `"kv_sources": {"19": 18}` next to any structured form.
+- KV merges (`kvmerge:` clause, `Plan.merge`): adjacent layers A and A+1 keep one cache between them
+  (MiniCache): per token and head, one shared direction and each layer's magnitude; tokens whose
+  two directions are more than D degrees apart (`A+B@D`, default `DEFAULT_MERGE_ANGLE`) keep both
+  vectors. Both layers run once each, with attention, A before A+1, neither reading another layer's
+  KV; a layer is in one pair at most. JSON and YAML carry it as `"kv_merge": ["20+21", "22+23@45"]`.
 - JSON: `{"num_layers": 30, "steps": [{"layer": 0, "attention": true, "mlp": true}, ...]}`.
 - LLM-Drop: `{"drop_attn_list": [...], "drop_mlp_list": [...]}` (layers keep their order).
 - llama.cpp-style per-layer skip flags, one integer per layer: bit 1 skips attention, bit 2 skips
@@ -41,7 +47,8 @@ from .errors import PlanError
 
 _ITEM = re.compile(r"^(\d{1,6})(?:-(\d{1,6})(?:/(\d{1,6}))?)?(?:x(\d{1,6}))?(?:\.(attn|mlp))?$")
 _CLAUSE_SPLIT = re.compile(r";|\s+(?=[a-z-]+:)")
-_KEYWORDS = ("skip", "attn-skip", "mlp-skip", "kv")
+_KEYWORDS = ("skip", "attn-skip", "mlp-skip", "kv", "kvmerge")
+DEFAULT_MERGE_ANGLE = 90.0  # kvmerge: tokens whose two directions are further apart (degrees) are kept unmerged
 _ITEM_HELP = "expected N, N-M, N-M/S, an optional xK repeat and an optional .attn or .mlp"
 MAX_STEPS_PER_LAYER = 16  # a plan runs at most 16 x num_layers steps: repeats beyond that are a typo
 MAX_PLAN_FILE_BYTES = 1 << 20
@@ -81,6 +88,7 @@ class Plan:
     steps: tuple[Step, ...]
     num_layers: int
     kv: tuple[tuple[int, int], ...] = ()  # (consumer layer, source layer) pairs, sorted; see the module docstring
+    merge: tuple[tuple[int, int, float], ...] = ()  # (layer A, layer A+1, max angle in degrees), sorted
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -101,6 +109,7 @@ class Plan:
         if not any(step.attention for step in self.steps):
             raise PlanError("the plan runs no attention sublayer; keep attention in at least one step")
         object.__setattr__(self, "kv", _checked_kv(self.kv, self.steps, self.num_layers))
+        object.__setattr__(self, "merge", _checked_merge(self.merge, self.steps, self.num_layers, self.kv))
 
     # ----------------------------------------------------------------------------------- builders
     @classmethod
@@ -121,9 +130,11 @@ class Plan:
         """
         if not isinstance(data, dict):
             raise PlanError("a plan file must hold a mapping (JSON object or YAML mapping)")
-        if "kv_sources" in data:
-            rest = {key: value for key, value in data.items() if key != "kv_sources"}
-            return cls.from_dict(rest, num_layers).with_kv(parse_kv_sources(data["kv_sources"]))
+        if "kv_sources" in data or "kv_merge" in data:
+            rest = {key: value for key, value in data.items() if key not in ("kv_sources", "kv_merge")}
+            plan = cls.from_dict(rest, num_layers)
+            kv = parse_kv_sources(data["kv_sources"]) if "kv_sources" in data else ()
+            return Plan(plan.steps, num_layers, tuple(kv), parse_kv_merge(data.get("kv_merge", []), num_layers))
         form = next((key for key in _FORMS if key in data), None)
         if form is None:
             raise PlanError(f"unknown plan mapping with keys {_keys(data)}: expected a 'steps', 'drop_attn_list'/"
@@ -208,7 +219,7 @@ class Plan:
     # ----------------------------------------------------------------------------------- printers
     def to_text(self) -> str:
         """The shortest clause form that parses back to this plan."""
-        return _format_text(self) + _format_kv(self.kv)
+        return _format_text(self) + _format_kv(self.kv) + _format_merge(self.merge)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -216,7 +227,8 @@ class Plan:
             "num_layers": self.num_layers,
             "steps": [{"layer": s.layer, "attention": s.attention, "mlp": s.mlp} for s in self.steps],
         }
-        return data | ({"kv_sources": {str(c): s for c, s in self.kv}} if self.kv else {})
+        data |= {"kv_sources": {str(c): s for c, s in self.kv}} if self.kv else {}
+        return data | ({"kv_merge": _merge_items(self.merge)} if self.merge else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -263,10 +275,15 @@ class Plan:
 
     # ----------------------------------------------------------------------------------- KV sources
     def with_kv(self, pairs: Iterable[tuple[int, int]]) -> Plan:
-        """The same steps with this KV-source map (consumer layer, source layer) instead of the current one."""
-        return Plan(self.steps, self.num_layers, tuple(pairs))
+        """The same steps and merges with this KV-source map (consumer layer, source layer) instead of the current."""
+        return Plan(self.steps, self.num_layers, tuple(pairs), self.merge)
+
+    def with_merge(self, pairs: Iterable[tuple[int, int, float]]) -> Plan:
+        """The same steps and KV sources with these merged pairs (layer A, A+1, max angle) instead of the current."""
+        return Plan(self.steps, self.num_layers, self.kv, tuple(pairs))
 
     def without_kv(self) -> Plan:
+        """The same steps with every layer on its own full cache (no `kv:` and no `kvmerge:`)."""
         return Plan(self.steps, self.num_layers)
 
     @property
@@ -275,8 +292,15 @@ class Plan:
         return _kv_source_steps(self.kv, self.steps)
 
     def _refuse_kv(self, form: str) -> None:
-        if self.kv:
-            raise PlanError(f"{form} cannot express KV sharing ({_format_kv(self.kv)[2:]}); use the text or JSON form")
+        if self.kv or self.merge:
+            clauses = (_format_kv(self.kv) + _format_merge(self.merge))[2:]
+            raise PlanError(f"{form} cannot express KV sharing ({clauses}); use the text or JSON form")
+
+    def refuse_merge(self, what: str) -> None:
+        """A one-line error for writers that cannot carry `kvmerge:` pairs (exports)."""
+        if self.merge:
+            raise PlanError(f"{what} cannot carry KV merges ({_format_merge(self.merge)[2:]}) yet; run them with "
+                            "apply_plan, or drop the kvmerge: clause")
 
     def __str__(self) -> str:
         return self.to_text()
@@ -304,16 +328,20 @@ def _parse_text(text: str, num_layers: int) -> Plan:
     no_attn: set[int] = set()
     no_mlp: set[int] = set()
     kv: list[tuple[int, int]] = []
+    merge: list[tuple[int, int, float]] = []
     for clause in clauses:
         keyword, colon, body = clause.partition(":")
         if colon:
             if keyword not in _KEYWORDS:
                 raise PlanError(
                     f"unknown plan clause {_show(keyword + ':')} in {_show(text)}; "
-                    "known: skip:, attn-skip:, mlp-skip:, kv:"
+                    "known: skip:, attn-skip:, mlp-skip:, kv:, kvmerge:"
                 )
             if keyword == "kv":
                 kv += _parse_kv(body, num_layers, text)
+                continue
+            if keyword == "kvmerge":
+                merge += [_parse_merge_item(token.strip(), num_layers) for token in body.split(",")]
                 continue
             layers = {s.layer for s in _parse_sequence(body, num_layers, text, allow_suffix=False)}
             {"skip": removed, "attn-skip": no_attn, "mlp-skip": no_mlp}[keyword].update(layers)
@@ -331,7 +359,7 @@ def _parse_text(text: str, num_layers: int) -> Plan:
     steps = [s for s in steps if s.attention or s.mlp]
     if not steps:
         raise PlanError(f"plan {_show(text)} leaves no layer to run; keep at least one")
-    return Plan(tuple(steps), num_layers, tuple(kv))
+    return Plan(tuple(steps), num_layers, tuple(kv), tuple(merge))
 
 
 def _parse_sequence(body: str, num_layers: int, text: str, allow_suffix: bool) -> list[Step]:
@@ -646,3 +674,78 @@ def _format_kv(pairs: tuple[tuple[int, int], ...]) -> str:
             runs.append([consumer, consumer, source])
     items = [f"{a}<-{s}" if a == b else f"{a}-{b}<-{s}" for a, b, s in runs]
     return f"; kv:{','.join(items)}" if items else ""
+
+
+# --------------------------------------------------------------------------------------- KV merges
+_MERGE_ITEM = re.compile(r"^(\d{1,6})\+(\d{1,6})(?:@(\d{1,3}(?:\.\d{1,6})?))?$", re.ASCII)
+
+
+def _parse_merge_item(token: str, num_layers: int) -> tuple[int, int, float]:
+    """`A+B` or `A+B@D`: layers A and B keep one merged cache; tokens more than D degrees apart stay unmerged."""
+    match = _MERGE_ITEM.match(token)
+    if not match:
+        raise PlanError(f"bad kvmerge item {_show(token)}: expected A+B or A+B@D (adjacent layers A and A+1, "
+                        "optional largest angle in degrees that still merges)")
+    first, second = int(match[1]), int(match[2])
+    for layer in (first, second):
+        if layer >= num_layers:
+            raise PlanError(f"kvmerge item {_show(token)} names layer {layer}, but the model has {num_layers} "
+                            f"layers (0-{num_layers - 1})")
+    return first, second, float(match[3]) if match[3] else DEFAULT_MERGE_ANGLE
+
+
+def parse_kv_merge(data: Any, num_layers: int) -> tuple[tuple[int, int, float], ...]:
+    """`kv_merge` of a plan file: a list of `A+B` / `A+B@D` items."""
+    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        raise PlanError(f'kv_merge {_show(data)} must be a list of items such as ["20+21", "22+23@45"]')
+    return tuple(_parse_merge_item(item.strip(), num_layers) for item in data)
+
+
+def _checked_merge(pairs: Iterable[tuple[int, int, float]], steps: tuple[Step, ...], num_layers: int,
+                   kv: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int, float], ...]:
+    """The merged pairs sorted, after checking the runtime can keep one cache for each (see the module docstring)."""
+    pairs = tuple(sorted((int(a), int(b), float(angle)) for a, b, angle in pairs))
+    seen: set[int] = set()
+    consumers = {c for c, _ in kv}
+    for first, second, angle in pairs:
+        name = f"kvmerge pair {first}+{second}"
+        if second != first + 1:
+            raise PlanError(f"{name}: merged layers must be adjacent (A+{first + 1}); MiniCache merges neighbours")
+        if not 0 <= first < second < num_layers:
+            bad = first if first < 0 else second
+            raise PlanError(f"{name} names layer {bad}, but the model has {num_layers} layers (0-{num_layers - 1})")
+        if not 0 <= angle <= 180:
+            raise PlanError(f"{name}@{angle:g}: the angle is in degrees, 0 to 180")
+        if seen & {first, second}:
+            raise PlanError(f"{name}: layer {min(seen & {first, second})} is in another kvmerge pair; "
+                            "a layer merges with one neighbour at most")
+        seen |= {first, second}
+        runs = [[i for i, s in enumerate(steps) if s.layer == layer] for layer in (first, second)]
+        for layer, found in zip((first, second), runs, strict=True):
+            if len(found) != 1:
+                raise PlanError(f"{name}: layer {layer} must run exactly once, but the plan runs it "
+                                f"{len(found)} times")
+            if not steps[found[0]].attention:
+                raise PlanError(f"{name}: layer {layer} runs without attention, so it has no cache to merge")
+            if layer in consumers:
+                raise PlanError(f"{name}: layer {layer} reads another layer's keys and values (kv:), so it has no "
+                                "cache of its own to merge; drop one of the two")
+        if runs[0][0] > runs[1][0]:
+            raise PlanError(f"{name}: layer {first} must run before layer {second}")
+    return pairs
+
+
+def merge_steps(plan: Plan) -> list[tuple[int, int, float]]:
+    """(step of layer A, step of layer A+1, max angle) for each merged pair of the plan."""
+    where = {s.layer: i for i, s in enumerate(plan.steps)}
+    return [(where[a], where[b], angle) for a, b, angle in plan.merge]
+
+
+def _merge_items(pairs: tuple[tuple[int, int, float], ...]) -> list[str]:
+    return [f"{a}+{b}" + ("" if angle == DEFAULT_MERGE_ANGLE else "@" + f"{angle:.6f}".rstrip("0").rstrip("."))
+            for a, b, angle in pairs]
+
+
+def _format_merge(pairs: tuple[tuple[int, int, float], ...]) -> str:
+    """`; kvmerge:...`, or '' without merged pairs."""
+    return f"; kvmerge:{','.join(_merge_items(pairs))}" if pairs else ""

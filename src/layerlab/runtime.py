@@ -13,6 +13,8 @@ How it works (see `apply_plan`):
   steps without attention become `DummyLayer`s, which transformers' cache and mask code skip.
 - KV sharing (`kv:` clause): consumer steps attend over their source step's keys and values through
   a per-forward side channel and their cache slots are `DummyLayer`s too (see `kv.py`).
+- KV merges (`kvmerge:` clause): a pre-hook gives the two steps of each merged pair cache slots that
+  store one merged cache between them (see `kvmerge.py`).
 Restoring puts the original list and config values back.
 """
 
@@ -32,6 +34,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 from .arch import Arch, arch_of, decoder_layers, get_path, per_layer_values, set_path
 from .errors import PlanError
 from .kv import KVChannel, check_kv, consumer_steps, wire
+from .kvmerge import check_merge, register_merge_hook
 from .plan import Plan, Step
 
 _APPLIED = "_layerlab_applied_plan"
@@ -63,7 +66,7 @@ class AppliedPlan:
         self._original_layers = decoder_layers(model)
         self._config = model.config.get_text_config(decoder=True)
         self._saved_config: dict[str, Any] = {}
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
             self._apply()
         except BaseException:
@@ -83,8 +86,9 @@ class AppliedPlan:
         set_path(self.model, self._arch.layers, self._original_layers)
         for name, value in self._saved_config.items():
             setattr(self._config, name, value)
-        if self._hook is not None:
-            self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self.kv_channel.entries.clear()
         delattr(self.model, _APPLIED)
         self._bring_back_base()
@@ -115,6 +119,7 @@ class AppliedPlan:
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
         check_kv(self.model, plan)
+        check_merge(self.model, plan)
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
         self.kv_channel = KVChannel()
         if plan.kv:
@@ -126,7 +131,9 @@ class AppliedPlan:
         set_path(self.model, self._arch.layers, self._steps)
         skipped = sorted({i for i, s in enumerate(self.plan.steps) if not s.attention} | set(consumer_steps(self.plan)))
         if skipped:
-            self._hook = register_cache_hook(self.model, self._arch, self._config, skipped, len(self.plan.steps))
+            self._hooks.append(register_cache_hook(self.model, self._arch, self._config, skipped, len(self.plan.steps)))
+        if self.plan.merge:
+            self._hooks.append(register_merge_hook(self.model, self._arch, self._config, self.plan))
         setattr(self.model, _APPLIED, self)
 
     def _patch_config(self, plan: Plan) -> None:

@@ -312,9 +312,17 @@ class KVSearchSettings:
     ctx: int = 256
     windows: int = 4
     reuse: bool = True
+    merge: bool = False  # then also try MiniCache-style merges of adjacent layers from the middle down
+    merge_angle: float | None = None  # their largest merging angle in degrees (None: the plan's default)
+    chunk: int = 32  # merges act across forwards: their calibration loss is fed in chunks of this many tokens
 
     def __post_init__(self) -> None:
         _share(self.budget, "the KV budget (share of the attention layers that read another layer's KV)")
+        if self.merge_angle is not None and not 0 <= self.merge_angle <= 180:
+            raise SettingsError(f"--merge-angle is in degrees, 0 to 180, got {self.merge_angle}")
+        if self.merge_angle is not None and not self.merge:
+            raise SettingsError("--merge-angle sets the angle of --kv-merge; add --kv-merge")
+        _at_least(self.chunk, 1, "chunk")
         _at_least(self.tolerance, 0, "the tolerance (share of calibration perplexity)")
         _choose(self.order, KV_ORDERS, "pair order")
         _at_least(self.ctx, 2, "ctx")
@@ -322,12 +330,19 @@ class KVSearchSettings:
 
 
 def check_kv_types(plan: Plan, layer_types: tuple[str, ...]) -> None:
-    """Refuse KV pairs whose layers differ in attention type: Gemma 3's sliding and global layers have
-    different masks and rotary embeddings. Runs on the config's `layer_types`, so before any model loads."""
+    """Refuse KV pairs whose layers differ in attention type (Gemma 3's sliding and global layers have
+    different masks and rotary embeddings), and merged pairs that are not both full attention. Runs on the
+    config's `layer_types`, so before any model loads."""
     for consumer, source in plan.kv if len(layer_types) == plan.num_layers else ():
         if layer_types[consumer] != layer_types[source]:
             raise PlanError(f"kv pair {consumer}<-{source}: layer {consumer} is {layer_types[consumer]} but "
                             f"layer {source} is {layer_types[source]}; pair layers of the same attention type")
+    for first, second, _ in plan.merge if len(layer_types) == plan.num_layers else ():
+        kinds = {layer_types[first], layer_types[second]}
+        if kinds != {"full_attention"}:
+            raise PlanError(f"kvmerge pair {first}+{second}: layer {first} is {layer_types[first]} and layer {second} "
+                            f"is {layer_types[second]}; only two full-attention layers merge (sliding-window "
+                            "layers are not supported)")
 
 
 @dataclass(frozen=True)

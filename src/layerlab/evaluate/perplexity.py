@@ -124,6 +124,24 @@ def per_window_nll(model, windows: list[Window],
     return logits_nll_per_window(logits[:, :-1], windows, first)
 
 
+@torch.inference_mode()
+def chunked_window_nll(model, window: Window, chunk: int) -> tuple[float, int]:
+    """Summed NLL and token count of one window fed in chunks of `chunk` tokens on one cache, as in decoding.
+
+    Later chunks attend over what the cache gives back for earlier ones, so caches that store less than
+    the keys and values (quantized, merged) shape the score; a plain cache gives `window_nll`'s.
+    """
+    from transformers import DynamicCache
+
+    from ..runtime import cache_argument
+
+    ids = torch.tensor([window.ids], device=model.device)
+    cache = {cache_argument(model, {}): DynamicCache(config=model.config)}  # hooks (plans, cache types) fill it
+    logits = torch.cat([model(ids[:, start:start + chunk], use_cache=True, **cache).logits
+                        for start in range(0, ids.shape[1], chunk)], dim=1)
+    return logits_nll(logits[:, :-1], [window], 1)
+
+
 def logits_nll(logits: torch.Tensor, windows: list[Window], first: int) -> tuple[float, int]:
     """Summed NLL and token count, from logits at positions `first - 1 .. length - 2` of each window."""
     nll, counts = logits_nll_per_window(logits, windows, first)

@@ -92,6 +92,7 @@ def prepare_export(settings: ExportSettings, plan: Plan, rewrites: bool = False,
     `rewrites` (changed weights will be written, e.g. healing) that the GGUF writer knows the architecture."""
     from .gguf_weights import gguf_arch
 
+    plan.refuse_merge("an export")
     source = settings.model.source
     quant = check_shipping(settings.format, settings.quant)
     resolved = resolve_source(source)

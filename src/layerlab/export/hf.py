@@ -29,6 +29,7 @@ REMOTE_CODE_FILE = "modeling_layerlab_drop.py"
 
 def planned_config(model, plan: Plan):
     """A copy of the model's config describing the plan's layers (and its sublayer drops)."""
+    plan.refuse_merge("an exported config")
     config = copy.deepcopy(model.config)
     text = config.get_text_config(decoder=True)
     for name, values in per_layer_values(text, arch_of(model), plan.layers, plan.num_layers).items():
