@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from .arch import Arch, decoder_layers, get_path
 from .errors import PlanError
@@ -147,18 +147,10 @@ def merged_slots(max_angle: float) -> tuple[MergedFirstLayer, MergedSecondLayer]
 def _prepare_merged(module: nn.Module, args: tuple, kwargs: dict, *, config: Any,
                     pairs: list[tuple[int, int, float]], size: int) -> tuple[tuple, dict]:
     """Before each forward: a cache if the model will make one, with merged slots for the pairs' steps."""
-    from .runtime import cache_argument
+    from .runtime import forward_cache
 
-    name = cache_argument(module, kwargs)
-    cache = kwargs.get(name)
-    use_cache = kwargs.get("use_cache")
-    if cache is None and (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
-        cache = kwargs[name] = DynamicCache(config=config)
-    cache = getattr(cache, "self_attention_cache", cache)
-    if isinstance(cache, Cache):
-        if cache.layer_class_to_replicate is not None:
-            while len(cache.layers) < size:
-                cache.layers.append(cache.layer_class_to_replicate())
+    cache = forward_cache(module, kwargs, config, size)
+    if cache is not None:
         for first, second, angle in pairs:
             if not isinstance(cache.layers[first], MergedFirstLayer):
                 cache.layers[first], cache.layers[second] = merged_slots(angle)

@@ -269,20 +269,29 @@ def _prepare_cache(
     module: nn.Module, args: tuple, kwargs: dict, *, config: Any, skipped: list[int], size: int
 ) -> tuple[tuple, dict]:
     """Give steps without attention an empty cache slot that cache and mask code skip."""
+    cache = forward_cache(module, kwargs, config, size)
+    if cache is not None:
+        for i in skipped:
+            if not isinstance(cache.layers[i], DummyLayer):
+                cache.layers[i] = EmptySlot(cache)
+    return args, kwargs
+
+
+def forward_cache(module: nn.Module, kwargs: dict, config: Any, size: int) -> Cache | None:
+    """The cache this forward will fill (made now, into `kwargs`, if the model would make one itself), with a
+    slot for each of the plan's `size` steps so hooks can swap in their own slots; None without a cache."""
     name = cache_argument(module, kwargs)
     cache = kwargs.get(name)
     use_cache = kwargs.get("use_cache")
     if cache is None and (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
         cache = kwargs[name] = DynamicCache(config=config)
     cache = getattr(cache, "self_attention_cache", cache)
-    if isinstance(cache, Cache):
-        if cache.layer_class_to_replicate is not None:
-            while len(cache.layers) < size:
-                cache.layers.append(cache.layer_class_to_replicate())
-        for i in skipped:
-            if not isinstance(cache.layers[i], DummyLayer):
-                cache.layers[i] = EmptySlot(cache)
-    return args, kwargs
+    if not isinstance(cache, Cache):
+        return None
+    if cache.layer_class_to_replicate is not None:
+        while len(cache.layers) < size:
+            cache.layers.append(cache.layer_class_to_replicate())
+    return cache
 
 
 class EmptySlot(DummyLayer):
