@@ -60,7 +60,7 @@ def test_pruning_keeps_only_the_best_candidates():
     from layerlab.search import LossEvaluator
 
     model = tiny_model("llama")
-    state = search(model, budget=Budget(remove=3), keep=0.5, max_rounds=1, abort=False)
+    state = search(model, budget=Budget(remove=3), keep=0.5, max_rounds=1)  # abort on: pruning turns it off
     # every candidate's loss measured independently, without reuse or pruning
     windows = make_windows(CharTokenizer()(TEXT)["input_ids"], 64, None, None, False)[:3]
     evaluator = LossEvaluator(model, windows, reuse=False, abort=False)

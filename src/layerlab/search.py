@@ -11,7 +11,9 @@
     k.. (fed as `inputs_embeds`, which these architectures pass straight to the first layer);
   * early abort: windows are scored one by one and a candidate stops once its running loss exceeds
     the best complete candidate of the round (a loss sum only grows, so it cannot win);
-  * pruning: after each round only the best `keep` share of the candidates stays in play.
+  * pruning: after each round only the best `keep` share of the candidates stays in play. Ranking them
+    needs every candidate's whole loss, so pruning turns early abort off (with abort, the aborted
+    candidates' order was their index order, and pruning kept the lowest-numbered layers).
   The state is saved after every round; `resume=True` continues from it and ends with the same plan
   as an uninterrupted run.
 """
@@ -213,6 +215,7 @@ def greedy(model, tokenizer, text: str, budget: Budget, granularity: str = "laye
     if start is not None and start.kv:
         raise PlanError("the greedy search removes units from plans without KV sharing; search the layers first, "
                         "then the KV map (kv_search.search_kv)")
+    abort = abort and keep >= 1  # pruning ranks the candidates by whole losses: an aborted one has none
     settings = state_record(text, budget, granularity, start, ctx, windows, keep, reuse, abort, provenance)
     if resume and state_path and Path(state_path).exists():
         state = resumable_state(state_path, settings)
