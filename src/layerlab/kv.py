@@ -127,20 +127,22 @@ def wire(steps: Sequence[nn.Module], arch: Arch, sources: Sequence[int | None], 
 
 
 def check_kv(model: nn.Module, plan: Plan) -> None:
-    """Refuse KV pairs whose layers cannot share: different head shapes or attention types (Gemma 3)."""
-    if not plan.kv:
+    """Refuse KV pairs whose layers cannot share and merged pairs (`kvmerge:`) whose layers cannot merge:
+    different head shapes or attention types (Gemma 3)."""
+    if not plan.kv and not plan.merge:
         return
     from .arch import arch_of
 
     arch = arch_of(model)
     layers = decoder_layers(model)
     check_kv_types(plan, tuple(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()))
-    for consumer, source in plan.kv:
-        name = f"kv pair {consumer}<-{source}"
-        shapes = [attention_shapes(layers[i]._modules[arch.attention]) for i in (consumer, source)]
+    pairs = [(f"kv pair {consumer}<-{source}", consumer, source, "pair") for consumer, source in plan.kv]
+    pairs += [(f"kvmerge pair {first}+{second}", first, second, "merge") for first, second, _ in plan.merge]
+    for name, one, other, verb in pairs:
+        shapes = [attention_shapes(layers[i]._modules[arch.attention]) for i in (one, other)]
         if shapes[0] != shapes[1]:
             raise PlanError(f"{name}: the layers' attention shapes differ ({shapes[0]} vs {shapes[1]}); "
-                            "pair layers whose key/value heads have the same shape")
+                            f"{verb} layers whose key/value heads have the same shape")
 
 
 def attention_shapes(attention: nn.Module) -> dict[str, Any]:

@@ -46,7 +46,6 @@ from .arch import arch_of, decoder_layers
 from .errors import LayerlabError, PlanError
 from .evaluate.perplexity import calibration_windows, chunked_window_nll, scored_tokens, window_nll
 from .kv import KVChannel, check_kv, wire
-from .kvmerge import check_merge
 from .plan import DEFAULT_MERGE_ANGLE, Plan
 from .runtime import apply_plan
 from .search import SearchState, resumable_state
@@ -151,7 +150,7 @@ class KVRecorder:
         out = {}
         for first in range(plan.num_layers // 2, plan.num_layers - 1):
             try:
-                check_merge(self.model, plan.with_merge(((first, first + 1, angle),)))
+                check_kv(self.model, plan.with_merge(((first, first + 1, angle),)))
             except PlanError:
                 continue  # not both run once with attention, or different shapes or attention types
             cosines = torch.cat([torch.nn.functional.cosine_similarity(

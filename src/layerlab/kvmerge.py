@@ -34,8 +34,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .arch import Arch, decoder_layers, get_path
-from .errors import PlanError
+from .arch import Arch, get_path
 from .plan import Plan, merge_steps
 
 
@@ -162,20 +161,3 @@ def register_merge_hook(model: nn.Module, arch: Arch, config: Any, plan: Plan):
     owner = get_path(model, arch.layers.rpartition(".")[0])
     hook = functools.partial(_prepare_merged, config=config, pairs=merge_steps(plan), size=len(plan.steps))
     return owner.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def check_merge(model: nn.Module, plan: Plan) -> None:
-    """Refuse merged pairs whose layers differ in head shapes or are not both full attention."""
-    if not plan.merge:
-        return
-    from .arch import arch_of
-    from .kv import attention_shapes
-    from .settings import check_kv_types
-
-    arch, layers = arch_of(model), decoder_layers(model)
-    check_kv_types(plan, tuple(getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()))
-    for first, second, _ in plan.merge:
-        shapes = [attention_shapes(layers[i]._modules[arch.attention]) for i in (first, second)]
-        if shapes[0] != shapes[1]:
-            raise PlanError(f"kvmerge pair {first}+{second}: the layers' attention shapes differ ({shapes[0]} vs "
-                            f"{shapes[1]}); merge layers whose key/value heads have the same shape")

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 from .arch import Arch, arch_of, decoder_layers, get_path, per_layer_values, set_path
 from .errors import PlanError
 from .kv import KVChannel, check_kv, consumer_steps, wire
-from .kvmerge import check_merge, register_merge_hook
+from .kvmerge import register_merge_hook
 from .plan import Plan, Step
 
 _APPLIED = "_layerlab_applied_plan"
@@ -118,8 +118,7 @@ class AppliedPlan:
         self._check_free()
         if plan.num_layers != len(layers):
             raise PlanError(f"the plan was written for {plan.num_layers} layers, but the model has {len(layers)}")
-        check_kv(self.model, plan)
-        check_merge(self.model, plan)
+        check_kv(self.model, plan)  # sharing and merged pairs
         self._steps = nn.ModuleList(_step_module(layers[s.layer], self._arch, i, s) for i, s in enumerate(plan.steps))
         self.kv_channel = KVChannel()
         if plan.kv:
