@@ -276,9 +276,12 @@ def _write(source: GgufSource, plan: Plan, planned: list, kinds: Mapping[str, GG
         if copy:
             writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
         else:
-            data = dequantized(tensor)
-            if name in values:
-                data = anchored(np.asarray(values[name], dtype=np.float32), data, kind)
+            if name not in values:
+                data = dequantized(tensor)
+            elif kind == tensor.tensor_type:  # the old values are on this grid: no ties to anchor
+                data = np.asarray(values[name], dtype=np.float32)
+            else:
+                data = anchored(np.asarray(values[name], dtype=np.float32), dequantized(tensor), kind)
             writer.write_tensor_data(np.ascontiguousarray(quantize(data, kind)))
     writer.close()
 
