@@ -20,7 +20,7 @@ EVALUATION = EvalSettings(tasks=("ppl", "arc_easy"), rows=3, ppl_text="wikitext2
 def backend(monkeypatch):
     """Every pool a job starts runs on this in-process backend (and Ray need not be installed)."""
     holder = {"backend": InProcessBackend()}
-    monkeypatch.setattr(parallel, "RayBackend", lambda spec, settings: holder["backend"])
+    monkeypatch.setattr(parallel, "RayBackend", lambda spec, settings, threads: holder["backend"])
     monkeypatch.setattr(ParallelSettings, "check", lambda self: None)
     return holder
 

@@ -169,7 +169,7 @@ def _fault_injection() -> None:
 class RayBackend:
     """What `WorkerPool` needs of a runtime, on Ray: start workers (actors), run their methods, wait, kill."""
 
-    def __init__(self, spec: ModelSpec, settings: ParallelSettings) -> None:
+    def __init__(self, spec: ModelSpec, settings: ParallelSettings, threads: int) -> None:
         import ray
 
         self._started = False
@@ -180,7 +180,6 @@ class RayBackend:
                 ray.init(num_cpus=settings.workers, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": _worker_env()})
             self._started = True
-        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
         self._class = ray.remote(num_cpus=1 if not settings.ray_address else threads,
                                  num_gpus=gpu_share(spec, settings), max_restarts=2, max_task_retries=2)(PlanWorker)
 
@@ -233,7 +232,7 @@ class WorkerPool:
         self.threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
         if spec.device.startswith("cuda"):  # Ray gives each worker its GPU (share) as its only visible one
             self.spec = replace(spec, device="cuda")
-        self.backend = backend if backend is not None else RayBackend(spec, settings)
+        self.backend = backend if backend is not None else RayBackend(spec, settings, self.threads)
         self.results: dict[int, object] = {}
         self.actors = [self._new_actor() for _ in range(settings.workers)]
 
