@@ -357,7 +357,8 @@ class PoolMeasurer:
     def fingerprint(self) -> str:
         return self.pool.one("fingerprint")
 
-    def measure(self, items: list[tuple[Plan, str]]) -> Iterator[tuple[int, object]]:
+    def measure(self, items: list[tuple[Plan, str]], data: dict, text: str | None) -> Iterator[tuple[int, object]]:
+        """Each (plan, task) on a worker; `data` and `text` are not sent: each worker reads its own."""
         calls = [task("measure", plan.to_text(), name, self.settings) for plan, name in items]
         yield from self.pool.stream(calls, "evaluate")
 

@@ -100,8 +100,8 @@ class LocalMeasurer:
     def fingerprint(self) -> str:
         return model_fingerprint(self.model, self.tokenizer)
 
-    def measure(self, items: list[tuple[Plan, str]]) -> Iterator[tuple[int, object]]:
-        data, text = task_inputs(self.settings) if items else ({}, None)
+    def measure(self, items: list[tuple[Plan, str]], data: dict[str, TaskData],
+                text: str | None) -> Iterator[tuple[int, object]]:
         for index, (plan, task) in enumerate(items):
             yield index, measure(self.model, self.tokenizer, plan, task, self.settings, data, text, self.progress)
 
@@ -129,7 +129,7 @@ def evaluate_with(measurer, plans: list[Plan], settings: EvalSettings, store: st
     values = {i: value for i, (_, _, _, key) in enumerate(keys) if (value := results.get(key)) is not None}
     missing = [i for i in range(len(keys)) if i not in values]
     with tqdm(total=len(keys), initial=len(values), desc="evaluate", unit="task", disable=not progress) as bar:
-        for index, value in measurer.measure([keys[i][1:3] for i in missing]):
+        for index, value in measurer.measure([keys[i][1:3] for i in missing], data, text):
             row, _, task, key = keys[missing[index]]
             bar.set_postfix_str(f"{row['plan'][:30]}: {task}")
             results.put(key, value)
