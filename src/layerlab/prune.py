@@ -181,9 +181,13 @@ def _one_shot_work(job: PruneJob, calibration: str, staging: Path, progress: boo
     if not settings.export:
         return scores, plan, []
     target = _shipping_targets(job.model.source, plan, staging, settings)["model"]
-    importance = [scores.block_influence[step.layer] for step in plan.steps]  # as the full job ranks layers
-    result = write_export(target, plan, model, tokenizer, changed=(), importance=importance)
+    result = write_export(target, plan, model, tokenizer, changed=(), importance=_importance(scores, plan))
     return scores, plan, [{"name": "model", **result.to_dict(), "path": result.path.name, "card": result.card.name}]
+
+
+def _importance(scores: Similarity, plan: Plan) -> list[float]:
+    """Each step's Block Influence: how mixed precision ranks the shipped layers (higher keeps more bits)."""
+    return [scores.block_influence[step.layer] for step in plan.steps]
 
 
 def _record(info: ModelInfo, settings: PruneSettings) -> dict:
@@ -326,7 +330,7 @@ def _ship(model, tokenizer, source: str, plan: Plan, out: Path, settings: PruneS
 
     def compute() -> list[dict]:
         targets = _shipping_targets(source, plan, out, settings)
-        importance = [scores.block_influence[step.layer] for step in plan.steps]  # mixed precision: BI ranks layers
+        importance = _importance(scores, plan)
         results = {"model": write_export(targets["model"], plan, model, tokenizer, changed=(), importance=importance)}
         if healed and "model-healed" in targets:  # recovered weights: changed tensors found and re-quantized
             healed_model, _ = load(str(out / "healed"))
