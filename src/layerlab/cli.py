@@ -602,7 +602,7 @@ def _recovery_summary(result) -> str:
 @click.option("--quant", "-q", default=PruneSettings.quant, show_default=True, help=_QUANT_HELP)
 @click.option("--method", type=click.Choice(PRUNE_METHODS), default=PruneSettings.method, show_default=True,
               help="auto: greedy search and one-shot plans compared, evaluated, recovered, reported; bi, angular or "
-                   "cosine: that one-shot plan from the scores alone, exported (no evaluation; needs --heal none).")
+                   "cosine: that one-shot plan from the scores alone, exported (no evaluation, no recovery).")
 @click.option("--streamed", is_flag=True,
               help="One-shot --method: score one decoder layer at a time and copy the GGUF's tensors (models "
                    "larger than memory).")
