@@ -23,7 +23,7 @@ resumes from the store as above.
 
     python benchmarks/method_quality.py [--model smollm2-135m] [--counts 4,6,8] [--granularities layer,attn,mlp]
         [--tasks suite] [--rows 0] [--task-data /work/shared/data/tasks] [--ppl-windows 0] [--keep 1.0]
-        [--device cuda] [--task-batch-size 64] [--out method_quality.json] [--resume]
+        [--device cuda] [--dtype bfloat16] [--task-batch-size 64] [--out method_quality.json] [--resume]
         [--workers 2 [--ray-address HOST:PORT] [--worker-threads 1]]
 """
 
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--task-batch-size", type=int, default=None,
                         help="whole task sequences per forward pass (GPU); default: shared contexts (CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (fast on CPUs with AMX), auto")
     parser.add_argument("--out", default="method_quality.json")
     parser.add_argument("--resume", action="store_true", help="continue stopped greedy searches with the same options")
     parser.add_argument("--workers", type=int, help="Ray workers (the ray extra); default: serially here")
@@ -160,11 +161,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         pool = None
         if spreading.parallel:  # the workers hold the weights; this process only the model's structure
-            spec = ModelSpec(args.model, device=args.device)
+            spec = ModelSpec(args.model, dtype=args.dtype, device=args.device)
             pool = stack.enter_context(parallel.WorkerPool(spec, spreading))
             model, tokenizer = parallel.structure_model(spec), spec.tokenizer()
         else:
-            model, tokenizer = layerlab.load(args.model, device=args.device)
+            model, tokenizer = layerlab.load(args.model, dtype=args.dtype, device=args.device)
         table(model, tokenizer, args, settings, data, pool)
 
 

@@ -10,7 +10,7 @@ whether the output equals plain greedy, acceptance, measured against predicted s
 would need.
 
     python benchmarks/speculative.py [--models smollm2-135m,gemma3-270m] [--max-new-tokens 64] [--rounds 3]
-        [--max-rounds 9]
+        [--max-rounds 9] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def timed(run) -> tuple[float, torch.Tensor, SpeculativeStats | None]:
 
 
 def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: Rounds, settings: SpeculativeSettings,
-                device: str) -> None:
-    model, tokenizer = layerlab.load(name, device=device)
+                device: str, dtype: str) -> None:
+    model, tokenizer = layerlab.load(name, dtype=dtype, device=device)
     found = search_draft_plan(model, tokenizer, prompts, read_text("wikitext2-valid"), max_new_tokens=24,
                               settings=settings)
     plan = found.best.plan
@@ -67,7 +67,7 @@ def bench_model(name: str, prompts: list[str], new_tokens: int, rounds: Rounds, 
     reference = samples["plain greedy"][0][1]
     plain_seconds = statistics.median(s[0] for s in samples["plain greedy"])
     print(f"\n{name}: {len(prompts)} prompts x {new_tokens} tokens, {len(samples['plain greedy'])} interleaved rounds, "
-          f"torch threads {torch.get_num_threads()}")
+          f"{model.dtype}, torch threads {torch.get_num_threads()}")
     print("  draft-plan search (predicted speedup, acceptance, cost ratio):")
     for candidate in found.ranking:
         stats = candidate.stats
@@ -97,11 +97,12 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=9, help="rounds at most, while the speed-ups disagree")
     parser.add_argument("--max-draft", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (fast on CPUs with AMX), auto")
     args = parser.parse_args()
     settings = SpeculativeSettings(max_draft=args.max_draft)
     for name in args.models.split(","):
         bench_model(name, PROMPTS[: args.prompts], args.max_new_tokens, Rounds(args.rounds, args.max_rounds), settings,
-                    args.device)
+                    args.device, args.dtype)
 
 
 if __name__ == "__main__":

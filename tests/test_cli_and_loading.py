@@ -76,6 +76,16 @@ def test_bad_dtype():
         layerlab.load("smollm2-135m", dtype="float8")
 
 
+@pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_on_a_cpu_that_multiplies_it_in_hardware(monkeypatch, amx, expected):
+    from layerlab.models import parse_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert parse_dtype("auto", "cpu") == expected
+    assert parse_dtype("auto", "mps") == torch.float32  # never bf16 off CUDA and AMX CPUs
+    assert parse_dtype("float32", "cpu") == torch.float32  # the default never changes with the hardware
+
+
 @pytest.mark.slow
 def test_generate_prints_plans_side_by_side():
     result = run("generate", "--model", "smollm2-135m", "--plan", "skip:24-26", "--plan", "0-13,14-19x2,20-29",

@@ -578,20 +578,31 @@ def fingerprint(path: Path) -> dict:
 
 
 def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """A torch dtype from its name (`float32`, `bf16`, ...); `auto` is bfloat16 on a CUDA device that has it
-    (half the memory, full-speed tensor cores) and float32 elsewhere (CPUs and MPS run bf16 slowly or not)."""
+    """A torch dtype from its name (`float32`, `bf16`, ...). `auto` is bfloat16 where the hardware multiplies it
+    fast -- a CUDA device that has it (tensor cores) or a CPU with Intel AMX (3.6x faster than float32 on a
+    1.5B model here, benchmarks/results/dtype_speed.txt) -- and float32 elsewhere (other CPUs and MPS run
+    bf16 slowly or not at all)."""
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name == "auto":
-        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        return torch.bfloat16 if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
-            else torch.float32
+        return torch.bfloat16 if _fast_bf16(device) else torch.float32
     if name not in names:
         raise ModelLoadError(f"unknown dtype {name!r}; use one of auto, {', '.join(names)}")
     if names[name] == torch.bfloat16 and device.startswith("cuda") and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
         raise ModelLoadError(f"--dtype {name}: this GPU has no bfloat16; use --dtype float16, float32 or auto")
     return names[name]
+
+
+def _fast_bf16(device: str) -> bool:
+    """Whether `device` (`auto`: CUDA when there is one, else the CPU) multiplies bfloat16 in hardware."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device not in ("cpu", "auto"):
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up with a fallback
+    return bool(amx and amx())
 
 
 def model_status() -> list[dict[str, str]]:
