@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tiny import ARCHS, tiny_model
@@ -146,3 +147,22 @@ def test_mergekit_commands_round_trip(tmp_path):
     yaml_text = run("to-mergekit", "0-13,14-19x2,20-29", "--layers", "30", "--model-name", "m").stdout
     (tmp_path / "merge.yaml").write_text(yaml_text)
     assert run("from-mergekit", str(tmp_path / "merge.yaml"), "--layers", "30").stdout.strip() == "0-19,14-29"
+
+
+def test_requantizing_by_slabs_gives_the_whole_tensors_bytes():
+    """The writer quantizes a source tensor into another type a few rows at a time (one slab in float32):
+    the bytes are those of quantizing the whole tensor at once, for a matrix and a vector."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from layerlab.export.gguf import dequantized, requantized
+    from layerlab.export.quant import quantize
+
+    reader = GGUFReader(EMBEDDED["smollm2-135m"].locate())
+    tensors = {t.name: t for t in reader.tensors}
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_norm.weight"):
+        tensor = tensors[name]
+        for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.F16):
+            whole = quantize(dequantized(tensor), kind)
+            slabbed = requantized(tensor, kind, slab_bytes=7 * 4 * tensor.shape[0])  # 7 rows, the last slab short
+            assert slabbed.shape == whole.shape and slabbed.dtype == whole.dtype
+            assert np.array_equal(slabbed, whole)
