@@ -1,6 +1,7 @@
 """Perplexity, multiple choice and speed against straightforward reference computations."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,22 @@ def test_bad_data_sources(tmp_path):
     bad.write_text('{"query": "q", "endings": ["a", "b"], "label": 3}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: label 3 is not an index"):
         read_choices(str(bad))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
+def test_a_peak_memory_block_inside_another_does_not_hide_the_outer_peak():
+    """An inner block resets the process's peak RSS; the outer block still reports what came before."""
+    import numpy as np
+
+    from layerlab.evaluate.speed import PeakMemory
+
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu) as outer:
+        with PeakMemory(cpu) as before:
+            pass
+        big = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+        del big
+        with PeakMemory(cpu) as inner:
+            pass
+    assert inner.peak_mb < before.peak_mb + 150  # the big array came and went before the inner block
+    assert outer.peak_mb >= before.peak_mb + 250

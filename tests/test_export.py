@@ -132,6 +132,7 @@ def test_export_command_writes_a_model_card_and_the_plans_model(smollm2, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     card = (out / "README.md").read_text()
     assert "plan: `0-23,20x2`" in card and "| decoder layers | 30 | 26 |" in card and "perplexity" in card
+    assert "peak memory:" in result.stdout and "peak memory: unknown" not in result.stdout
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     model, tokenizer = smollm2
     x = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt")["input_ids"]

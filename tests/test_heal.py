@@ -119,6 +119,7 @@ def test_heal_command_writes_the_model_and_refuses_the_evaluation_text(tmp_path,
     assert result.exit_code == 0, result.output
     for row in ("original", "pruned", "healed"):
         assert row in result.output
+    assert "peak memory:" in result.output and "peak memory: unknown" not in result.output
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
     assert len(json.loads((out / "healing.json").read_text())["losses"]) == 3
     assert not checkpoint_folder(out).exists()  # removed once the output is written

@@ -44,6 +44,7 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     expected = "greedy" if greedy_ppl <= data["best_one_shot"]["perplexity"] else data["best_one_shot"]["method"]
     assert data["chosen_by"] == expected
     assert json.loads((out / "report.json").read_text())["plan"] == data["plan"]
+    assert data["peak_memory_mb"] > 0  # the model loaded and the job's work on it
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     recovery = data["recovery"]  # the default: the linear patch when it lowers the calibration loss
     patched = recovery["calibration_loss_after"] < recovery["calibration_loss_before"]
@@ -61,6 +62,7 @@ def test_prune_writes_the_chosen_plan_its_evaluation_the_model_and_the_report(jo
     html = (out / "report.html").read_text()
     assert html.count("<img src=\"data:image/png;base64,") == 6
     assert html.count("<table>") == 5  # eval: summary, tasks; shipped files
+    assert f"Peak memory: {data['peak_memory_mb']:.0f} MB" in html
 
 
 def test_a_resumed_job_reuses_every_finished_step(job):

@@ -170,3 +170,4 @@ def test_speculate_command_prints_the_plain_greedy_text_and_the_statistics(tiny_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected.strip() in result.stdout and "acceptance" in result.stdout
+    assert "peak memory:" in result.stdout and "peak memory: unknown" not in result.stdout

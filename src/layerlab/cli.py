@@ -286,6 +286,7 @@ def speculate(source, dtype, device, trust_remote_code, draft_plan, prompt, max_
     _print(_speculation_table(f"draft plan {outcome.plan} ({len(outcome.plan.steps)} of {outcome.num_layers} steps)",
                               [outcome.result.stats]))
     _print(break_even_summary(outcome.result.stats))
+    _print(_peak(outcome.peak_memory_mb))
 
 
 SPECULATION_COLUMNS = [  # (header, cell) for the statistics of speculative runs
@@ -337,6 +338,7 @@ def export(source, dtype, device, trust_remote_code, plan_text, out, fmt, quant,
     result = jobs.export(settings)
     _print(result.card.read_text(), markup=False)
     _print(f"exported to {result.path}" + (f" ({result.ratio:.3f} of the source's bytes)" if result.ratio else ""))
+    _print(_peak(result.peak_memory_mb))
 
 
 @cli.command()
@@ -555,6 +557,7 @@ def heal(source, dtype, device, trust_remote_code, plan_text, method, data, cali
     for name, layers, ppl in outcome.perplexities:
         table.add_row(name, str(layers), f"{ppl:.2f}")
     _print(table)
+    _print(_peak(outcome.peak_memory_mb))
     _print(f"model written to {out}" + (f", adapter to {out}/adapter" if method == "lora" else ""))
 
 
@@ -647,6 +650,7 @@ def prune(source, dtype, device, trust_remote_code, drop, layers, target_speedup
         ideal = f", ideal {shipped['ideal_ratio']:.3f}" if shipped["ideal_ratio"] else ""
         _print(f"smaller model: {shipped['path']}  {shipped['bytes'] / 2**20:.1f} MiB, {ratio} of the source's "
                f"bytes{ideal} ({shipped['format']}, quant {shipped['quant']})")
+    _print(_peak(data["peak_memory_mb"]))
     _print(f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})")
 
 

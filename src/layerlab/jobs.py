@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import PlanError
@@ -257,13 +257,12 @@ class HealOutcome:
     plan: Plan
     result: object  # heal.HealResult (lora), recover.Recovery (the other methods)
     perplexities: list[tuple[str, int, float]]  # (model, layers, perplexity) on the held-out text
+    peak_memory_mb: float | None = None
 
 
 def heal(job: HealJob) -> HealOutcome:
     """Recover a pruned model (`job.method`), measure held-out perplexity before and after, write the model."""
     from .corpora import read_text
-    from .heal import checkpoint_folder
-    from .runtime import apply_plan
 
     info = job.model.inspect()
     job.check(info)
@@ -271,6 +270,16 @@ def heal(job: HealJob) -> HealOutcome:
     held_out = read_text(job.eval_text) if job.eval_windows else None
     check_windows(job.model, job.recovery().calibration_needs() +
                   ([("--eval-text", job.eval_text, 512)] if held_out is not None else []))
+    with peak_memory(job.model) as peak:
+        result, rows = _heal_and_save(job, info, plan, held_out)
+    return HealOutcome(plan, result, rows, peak.peak_mb)
+
+
+def _heal_and_save(job: HealJob, info: ModelInfo, plan: Plan, held_out: str | None) -> tuple[object, list]:
+    """Load, measure the held-out perplexity before, recover, measure after, write the model."""
+    from .heal import checkpoint_folder
+    from .runtime import apply_plan
+
     model, tokenizer = job.model.load()
     rows = []
     if held_out is not None:
@@ -291,7 +300,7 @@ def heal(job: HealJob) -> HealOutcome:
 
         save_recovered(result, tokenizer, job.out, job.force)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return HealOutcome(plan, result, rows)
+    return result, rows
 
 
 def _run_recovery(job: HealJob, model, tokenizer, plan: Plan, checkpoints: Path, provenance: dict):
@@ -323,6 +332,7 @@ class SpeculateOutcome:
     text: str  # the continuation of the prompt
     result: object  # speculative.SpeculativeResult
     draft_search: object | None  # draft_search.DraftSearch when the plan was searched
+    peak_memory_mb: float | None = None
 
 
 def speculate(settings: SpeculateSettings) -> SpeculateOutcome:
@@ -343,14 +353,15 @@ def speculate(settings: SpeculateSettings) -> SpeculateOutcome:
             found = search_draft_plan(structure_model(settings.model), settings.model.tokenizer(), [settings.prompt],
                                       read_text(settings.search_text), pool=pool, **search)
         plan = found.best.plan
-    model, tokenizer = settings.model.load()
-    if plan is None:
-        found = search_draft_plan(model, tokenizer, [settings.prompt], read_text(settings.search_text), **search)
-        plan = found.best.plan
-    ids = tokenizer(settings.prompt, return_tensors="pt")["input_ids"].to(model.device)
-    result = compare_with_plain(model, ids, plan, settings.max_new_tokens, settings.decoding)
-    text = tokenizer.decode(result.ids[0, ids.shape[1]:], skip_special_tokens=True)
-    return SpeculateOutcome(plan, info.num_layers, text, result, found)
+    with peak_memory(settings.model) as peak:
+        model, tokenizer = settings.model.load()
+        if plan is None:
+            found = search_draft_plan(model, tokenizer, [settings.prompt], read_text(settings.search_text), **search)
+            plan = found.best.plan
+        ids = tokenizer(settings.prompt, return_tensors="pt")["input_ids"].to(model.device)
+        result = compare_with_plain(model, ids, plan, settings.max_new_tokens, settings.decoding)
+        text = tokenizer.decode(result.ids[0, ids.shape[1]:], skip_special_tokens=True)
+    return SpeculateOutcome(plan, info.num_layers, text, result, found, peak.peak_mb)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -364,5 +375,7 @@ def export(settings: ExportSettings):
     settings.check(info)
     plan = load_plan(info, settings.plan)  # a bad plan fails before the export loads anything
     target = prepare_export(settings, plan, inputs=info.input_paths + plan_inputs((settings.plan,)))
-    return run_export(settings, plan, target)
+    with peak_memory(settings.model) as peak:
+        result = run_export(settings, plan, target)
+    return replace(result, peak_memory_mb=peak.peak_mb)
 

@@ -47,7 +47,7 @@ from .corpora import read_text
 from .errors import OutputError, PlanError
 from .evaluate.compare import add_deltas, evaluate_plans
 from .evaluate.perplexity import perplexity
-from .evaluate.speed import parameter_bytes
+from .evaluate.speed import PeakMemory, parameter_bytes
 from .io import MANIFEST, check_not_an_input, check_output, check_resumable, own_folder, read_manifest, update_file
 from .metrics.similarity import Similarity, similarity
 from .models import ModelInfo, inspect_model
@@ -91,7 +91,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
     _check_out(Path(out), job, info)
     if settings.export:  # format, quant and writer checked before any work
         _shipping_targets(source, Plan.identity(n_layers), Path(out), settings)
-    with _run_folder(Path(out), resume, force, _record(info, settings)) as work:
+    with _run_folder(Path(out), resume, force, _record(info, settings)) as work, PeakMemory(model.device) as peak:
         calibration = read_text(settings.calibration)
         scores = similarity(model, tokenizer, calibration, ctx=settings.calib_ctx, windows=settings.calib_windows,
                             progress=progress)
@@ -122,6 +122,7 @@ def prune(model, tokenizer, source: str, out: str | Path, settings: PruneSetting
             "candidates": _candidate_points(model, state, one_shots, n_layers),
             "exported": str(Path(out) / shipped[0]["path"]) if shipped else None,
             "shipped": [record | {"path": str(Path(out) / record["path"])} for record in shipped],
+            "peak_memory_mb": peak.so_far(),  # the model loaded, this job's work on it
         }
         write_report(model, tokenizer, data, scores, work)
     return data

@@ -164,28 +164,52 @@ def parameter_bytes(model) -> int:
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA allocator peak, or the process's peak RSS on Linux."""
+    """Peak memory over a block: CUDA allocator peak, or the process's peak RSS on Linux.
+
+    Both counters are process-wide and a block starts by resetting them, so a block opened inside another
+    would hide from the outer one whatever peak came before it (`eval` measures each plan's speed in its
+    own block inside the job's): a block folds the peak so far into every block still open before it resets.
+    """
+
+    _open: list[PeakMemory] = []  # the blocks open now, outermost first
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_mb: float | None = None
+        self._before_reset: float | None = None  # the highest peak an inner block's reset cleared
 
     def __enter__(self) -> PeakMemory:
+        seen = self._read()
+        for outer in PeakMemory._open:
+            outer._before_reset = _highest(outer._before_reset, seen)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with contextlib.suppress(OSError):
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
+        PeakMemory._open.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        PeakMemory._open.remove(self)
+        self.peak_mb = self.so_far()
+
+    def so_far(self) -> float | None:
+        """The peak since the block began, read without leaving it (a report written inside the block)."""
+        return _highest(self._before_reset, self._read())
+
+    def _read(self) -> float | None:
         if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            return
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 if torch.cuda.is_available() else None
         with contextlib.suppress(OSError):
             for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    self.peak_mb = int(line.split()[1]) / 1024
+                    return int(line.split()[1]) / 1024
+        return None
+
+
+def _highest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def measure_plans(model, tokenizer, plans: list[Plan], prompt: str, prompt_tokens: int = 128,

@@ -61,6 +61,7 @@ class ExportResult:
     parameters: tuple[int | None, int]  # source (None when unknown), output
     dtype: str | None = None  # Hugging Face folders
     tensors: list[TensorRecord] = field(default_factory=list)  # GGUF files
+    peak_memory_mb: float | None = None  # the process's peak while exporting (set by `jobs.export`)
 
     @property
     def ratio(self) -> float | None:
