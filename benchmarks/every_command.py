@@ -1,7 +1,11 @@
 """Every command that runs a model, once, on one model with small budgets: does it run, how long, how much memory.
 
 Each command runs in a fresh child process (its peak resident set is its own, from the kernel's rusage); the
-table shows the exit status, wall time, peak RSS and the command's last line of output. The budgets are
+table shows the exit status, wall time, peak RSS and the command's last line of output. Two caveats on the
+peak: it counts the pages of memory-mapped files the process read (a model loaded in bfloat16 from the
+float32 cache of a GGUF reads all of that file; the kernel can reclaim those pages), and a command that
+measures its own peak resets the high-water mark when its measurement starts (`eval` after the model
+loads), so for those it is the peak the command itself reports. The budgets are
 small (a few windows, five rows per task, ten training steps): this shows that a model goes through every
 command, not what the numbers are -- the quality tables are `method_quality.py` and `recovery.py`.
 
