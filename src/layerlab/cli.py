@@ -103,7 +103,9 @@ def parallel_options(function):
 
 
 def _peak(megabytes: float | None) -> str:
-    return "peak memory: unknown" if megabytes is None else f"peak memory: {megabytes:.0f} MB"
+    from .evaluate.speed import peak_text
+
+    return f"peak memory: {peak_text(megabytes)}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,6 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from ..evaluate.speed import peak_text
 from ..evaluate.table import NOTE, summary_table, task_table
 from ..io import TEXT_MARKER, update_file
 from ..metrics.similarity import Similarity
@@ -71,10 +72,6 @@ def write_report(model, tokenizer, data: dict, scores: Similarity, out: str | Pa
     return update_file(out / "report.html", render(data, images))
 
 
-def _peak(megabytes: float | None) -> str:
-    return "Peak memory: not measured" if megabytes is None else f"Peak memory: {megabytes:.0f} MB"
-
-
 def render(data: dict, images: dict[str, str]) -> str:
     """The HTML text of the report."""
     rows = data["evaluation"]["rows"] + ([data["healed"]] if data.get("healed") else [])
@@ -84,7 +81,7 @@ def render(data: dict, images: dict[str, str]) -> str:
         f"of the greedy plan <code>{_e(data['greedy_plan'])}</code> (removed in this order: "
         f"{_e(', '.join(data['removed']))}) and the best one-shot plan "
         f"<code>{_e(data['best_one_shot']['plan'])}</code> ({_e(data['best_one_shot']['method'])})). "
-        f"{_e(_peak(data.get('peak_memory_mb')))} (the model loaded, and the job's work on it).</p>",
+        f"Peak memory: {_e(peak_text(data.get('peak_memory_mb')))} (the model loaded, and the job's work on it).</p>",
         "<h2>Evaluation</h2>", _table(*_split(summary_table({"rows": rows}), drop="sample")),
         f"<p>{_e(NOTE)}. Perplexity on {_e(data['settings']['evaluation']['ppl_text'])}; tasks: "
         f"{_e(_task_sources(data['evaluation']))}. The file columns are measured on the shipped files as loaded "

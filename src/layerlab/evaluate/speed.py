@@ -200,12 +200,17 @@ class PeakMemory:
 
     def _read(self) -> float | None:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 if torch.cuda.is_available() else None
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
         with contextlib.suppress(OSError):
             for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
         return None
+
+
+def peak_text(megabytes: float | None) -> str:
+    """A peak as every command and report shows it: whole megabytes, or `unknown` where it could not be read."""
+    return "unknown" if megabytes is None else f"{megabytes:.0f} MB"
 
 
 def _highest(a: float | None, b: float | None) -> float | None:
